@@ -1,0 +1,117 @@
+"""Scan ops: the seam between the recurrent mixers and whatever computes their recurrence.
+
+A mixer holds one `ScanOp` and calls `op(trans, u, h0, reverse, reset)`. Sequence parallelism
+(llm_lru.parallel) wraps the same op and needs two more things from it, both exact:
+`product(trans, reverse, reset)`, the state map P of a whole slice (h_last(h0) = P h0 + h_last(0)),
+and `apply(P, h)`. State layouts: block/companion (B, N, m), diag (B, N).
+
+Backend choice (LLM_LRU_SCAN or `set_backend`): "auto" (Triton on CUDA tensors, the fast
+PyTorch path on CPU), "torch", "triton", "ref" (sequential reference, for tests).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+
+from . import reference
+
+Tensor = torch.Tensor
+_BACKENDS = ("auto", "torch", "triton", "ref")
+_backend = os.environ.get("LLM_LRU_SCAN", "auto")
+if _backend not in _BACKENDS:
+    raise ValueError(f"LLM_LRU_SCAN: unknown backend '{_backend}' (one of {', '.join(_BACKENDS)})")
+
+
+def set_backend(name: str) -> None:
+    """Force a scan backend for the whole process (tests, benchmarks)."""
+    global _backend
+    if name not in _BACKENDS:
+        raise ValueError(f"scan backend: unknown '{name}' (one of {', '.join(_BACKENDS)})")
+    _backend = name
+
+
+def get_backend() -> str:
+    return _backend
+
+
+def _mask(trans: Tensor, reset: Optional[Tensor]) -> Tensor:
+    """Zero the transition at reset steps: A_t = 0 starts a document from nothing."""
+    if reset is None:
+        return trans
+    keep = (~reset).to(trans.dtype)
+    return trans * keep.reshape(*keep.shape, *([1] * (trans.dim() - 2)))
+
+
+class ScanOp:
+    """A family of linear recurrences; subclasses fix the layout of `trans`, `u` and the state."""
+
+    name = "scan"
+
+    def __call__(self, trans: Tensor, u: Tensor, h0: Optional[Tensor] = None, reverse: bool = False,
+                 reset: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def product(self, trans: Tensor, reverse: bool = False, reset: Optional[Tensor] = None) -> Tensor:
+        raise NotImplementedError
+
+    def apply(self, P: Tensor, h: Tensor) -> Tensor:
+        """P h for this op's state layout (block: (B,N,m,m) x (B,N,m))."""
+        return torch.einsum("bnij,bnj->bni", P, h)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class BlockScan(ScanOp):
+    """trans = A: (B, T, N, m, m), u: (B, T, N, m), state (B, N, m)."""
+
+    name = "block"
+
+    def __call__(self, A, u, h0=None, reverse=False, reset=None):
+        from . import block_scan
+        return block_scan(_mask(A, reset), u, h0, reverse)
+
+    def product(self, A, reverse=False, reset=None):
+        from . import block_product
+        return block_product(_mask(A, reset), reverse)
+
+
+class DiagScan(ScanOp):
+    """trans = a: (B, T, N), u: (B, T, N), state (B, N)."""
+
+    name = "diag"
+
+    def __call__(self, a, u, h0=None, reverse=False, reset=None):
+        from . import diag_scan
+        return diag_scan(_mask(a, reset), u, h0, reverse)
+
+    def product(self, a, reverse=False, reset=None):
+        from .checks import acc_dtype
+        return _mask(a, reset).to(acc_dtype(a)).prod(1)
+
+    def apply(self, P, h):
+        return P * h
+
+
+class CompanionScan(ScanOp):
+    """trans = a: (B, T, N, m) (first row of the companion matrix), u = x: (B, T, N), state (B, N, m).
+
+    Returns y: (B, T, N) (the newest value of the state) and the full last state (B, N, m).
+    """
+
+    name = "companion"
+
+    def __call__(self, a, x, h0=None, reverse=False, reset=None):
+        from . import companion_scan
+        return companion_scan(a, x, h0, reverse, reset)
+
+    def product(self, a, reverse=False, reset=None):
+        from . import block_product
+        return block_product(_mask(reference.companion_matrix(a), reset), reverse)
+
+
+BLOCK = BlockScan()
+DIAG = DiagScan()
+COMPANION = CompanionScan()

@@ -1,0 +1,3 @@
+from llm_lru.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,278 @@
+"""Structured run configuration: one dataclass per section, YAML files, dotlist overrides.
+
+`load_config(path, overrides)` merges a YAML file and `key=value` overrides onto the schema
+below and validates the result before anything runs; every error names the offending key.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf import errors as oc_errors
+
+# Pattern letters a config may use without declaring them in model.kinds.
+DEFAULT_KINDS: Dict[str, str] = {
+    "A": "attn",   # causal softmax attention
+    "S": "swa",    # sliding-window attention
+    "L": "lru",    # Orvieto LRU (complex diagonal, time-invariant)
+    "G": "glru",   # selective gated diagonal recurrence (m = 1)
+    "B": "bdlru",  # selective block-diagonal LRU (block size model.block_size)
+    "H": "hlru",   # selective higher-order LRU (order model.block_size)
+    "R": "blur",   # bidirectional LRU (encoders only)
+}
+MIXER_KINDS = ("attn", "swa", "lru", "glru", "bdlru", "hlru", "blur")
+RECURRENT_KINDS = ("lru", "glru", "bdlru", "hlru", "blur")
+GATE_NORMS = ("softmax", "sigmoid", "relu", "tanh")
+MAX_BLOCK_SIZE = 16
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 0                 # 0: taken from the data's tokenizer
+    d_model: int = 128
+    n_layers: int = 4
+    pattern: str = "BBBA"               # repeated (and cut) to n_layers
+    kinds: Dict[str, str] = field(default_factory=dict)  # extra/overriding letter -> kind
+    d_state: int = 0                    # recurrent state width N*m; 0: d_model
+    block_size: int = 4                 # m for bdlru (block) and hlru (order)
+    gate_norm: str = "softmax"          # bdlru/hlru row normalisation: softmax|sigmoid|relu|tanh
+    lru_r_min: float = 0.9
+    lru_r_max: float = 0.999
+    lru_max_phase: float = 6.283
+    n_heads: int = 4
+    n_kv_heads: int = 0                 # 0: n_heads (no grouping)
+    window: int = 256                   # sliding-window size for swa
+    rope_theta: float = 10000.0
+    ffn_dim: int = 0                    # 0: 8/3 * d_model rounded up to a multiple of 64
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    causal: bool = True                 # False allows blur (encoder stacks)
+    init_std: float = 0.02
+
+
+@dataclass
+class ParallelConfig:
+    sp: int = 1                         # sequence-parallel group size
+    carry: str = "allgather"            # allgather | ring
+    backend: str = "auto"               # auto | gloo | nccl
+
+
+@dataclass
+class DataConfig:
+    source: str = "shards"              # shards | random | synthetic
+    path: str = ""                      # shard folder with manifest.json
+    val_path: str = ""                  # optional validation shard folder
+    num_workers: int = 1
+    shuffle: bool = True
+    shuffle_buffer: int = 1000
+    skip_bad_shards: bool = False       # False: a broken shard stops the run, naming it
+    task: str = ""                      # synthetic task name (eval/recall benchmarks)
+    task_args: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    seq_len: int = 256
+    global_batch_size: int = 8          # sequences per optimizer step, over the DP group
+    micro_batch_size: int = 0           # per DP rank per micro step; 0: no accumulation
+    max_steps: int = 100
+    seed: int = 1234
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    precision: str = "auto"             # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    activation_checkpointing: bool = False
+    max_bad_steps: int = 5              # consecutive NaN/inf steps before the run stops
+    val_every: int = 0                  # 0: no periodic validation
+    val_batches: int = 4
+    threads: int = 0                    # torch threads per process; 0: leave as is
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 0
+    offload_optimizer: bool = False
+    overrides: Dict[str, Any] = field(default_factory=dict)  # merged into the DS config as is
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 1
+    tensorboard: bool = True
+    progress: str = "auto"              # auto | bar | lines
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0                      # 0: only at the end
+    keep: int = 2
+    resume: str = "auto"                # auto | none | a checkpoint path
+
+
+@dataclass
+class EvalConfig:
+    suites: List[str] = field(default_factory=list)
+    out: str = ""
+    max_length: int = 0
+    chunk_size: int = 1024
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the key."""
+
+
+def _merge(base: DictConfig, other: Any, what: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except oc_errors.ConfigKeyError as e:
+        raise ConfigError(f"{what}: unknown key '{e.full_key}'") from None
+    except oc_errors.ValidationError as e:
+        raise ConfigError(f"{what}: wrong type for '{e.full_key}': {e.msg.splitlines()[0]}") from None
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[List[str]] = None) -> RunConfig:
+    """Merge a YAML file and `key=value` overrides onto the schema, validate, return RunConfig."""
+    cfg = OmegaConf.structured(RunConfig)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            file_cfg = OmegaConf.load(path)
+        except Exception as e:  # yaml errors carry the line
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        cfg = _merge(cfg, file_cfg, str(path))
+    if overrides:
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override '{item}' is not of the form key=value")
+        try:
+            dot = OmegaConf.from_dotlist(list(overrides))
+        except Exception as e:
+            raise ConfigError(f"overrides: {e}") from None
+        cfg = _merge(cfg, dot, "override")
+    run: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    validate(run)
+    return run
+
+
+def from_dict(d: Dict[str, Any]) -> RunConfig:
+    """Build a validated RunConfig from a plain (possibly partial) nested dict."""
+    cfg = _merge(OmegaConf.structured(RunConfig), OmegaConf.create(d), "config")
+    run: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    validate(run)
+    return run
+
+
+def to_dict(run: RunConfig) -> Dict[str, Any]:
+    return dataclasses.asdict(run)
+
+
+def save_config(run: RunConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML (readable back with load_config)."""
+    Path(path).write_text(OmegaConf.to_yaml(OmegaConf.structured(run)))
+
+
+def layer_kinds(model: ModelConfig) -> List[str]:
+    """Mixer kind of each layer: the pattern repeated and cut to n_layers."""
+    kinds = {**DEFAULT_KINDS, **model.kinds}
+    pattern = (model.pattern * (model.n_layers // max(len(model.pattern), 1) + 1))[: model.n_layers]
+    return [kinds[c] for c in pattern]
+
+
+def _need(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def validate_model(m: ModelConfig, key: str = "model") -> None:
+    """Checks a model config alone (also used when loading a checkpoint or an export)."""
+    _need(m.d_model > 0, f"{key}.d_model", f"must be positive, got {m.d_model}")
+    _need(m.n_layers > 0, f"{key}.n_layers", f"must be positive, got {m.n_layers}")
+    _need(len(m.pattern) > 0, f"{key}.pattern", "must not be empty")
+    kinds = {**DEFAULT_KINDS, **m.kinds}
+    for letter, kind in m.kinds.items():
+        _need(kind in MIXER_KINDS, f"{key}.kinds.{letter}", f"unknown mixer kind '{kind}' (one of {', '.join(MIXER_KINDS)})")
+    for c in m.pattern:
+        _need(c in kinds, f"{key}.pattern", f"letter '{c}' maps to no mixer kind (known: {''.join(sorted(kinds))}; add it under {key}.kinds)")
+    used = set(layer_kinds(m))
+    d_state = m.d_state or m.d_model
+    _need(1 <= m.block_size <= MAX_BLOCK_SIZE, f"{key}.block_size", f"must be in 1..{MAX_BLOCK_SIZE}, got {m.block_size}")
+    if used & {"bdlru"}:
+        _need(d_state % m.block_size == 0, f"{key}.block_size", f"must divide the state width {d_state} (model.d_state or model.d_model)")
+    if used & {"lru", "blur"}:
+        _need(d_state % 2 == 0, f"{key}.d_state", f"lru/blur need an even state width (complex pairs), got {d_state}")
+        _need(0 < m.lru_r_min < m.lru_r_max < 1, f"{key}.lru_r_min", f"need 0 < lru_r_min < lru_r_max < 1, got {m.lru_r_min}, {m.lru_r_max}")
+    _need(m.gate_norm in GATE_NORMS, f"{key}.gate_norm", f"unknown '{m.gate_norm}' (one of {', '.join(GATE_NORMS)})")
+    if used & {"attn", "swa"}:
+        _need(m.n_heads > 0 and m.d_model % m.n_heads == 0, f"{key}.n_heads", f"must divide d_model={m.d_model}, got {m.n_heads}")
+        n_kv = m.n_kv_heads or m.n_heads
+        _need(n_kv > 0 and m.n_heads % n_kv == 0, f"{key}.n_kv_heads", f"must divide n_heads={m.n_heads}, got {n_kv}")
+        _need((m.d_model // m.n_heads) % 2 == 0, f"{key}.n_heads", "head dim d_model/n_heads must be even for RoPE")
+    if "swa" in used:
+        _need(m.window > 0, f"{key}.window", f"must be positive, got {m.window}")
+    if "blur" in used:
+        _need(not m.causal, f"{key}.pattern", "blur is bidirectional and cannot sit in a causal LM stack (set model.causal=false for an encoder)")
+
+
+def validate(run: RunConfig) -> None:
+    """Cross-field checks that types alone cannot express."""
+    validate_model(run.model)
+    p, t, d = run.parallel, run.train, run.data
+    _need(p.sp >= 1, "parallel.sp", f"must be >= 1, got {p.sp}")
+    _need(p.carry in ("allgather", "ring"), "parallel.carry", f"must be allgather or ring, got '{p.carry}'")
+    _need(p.backend in ("auto", "gloo", "nccl"), "parallel.backend", f"must be auto, gloo or nccl, got '{p.backend}'")
+    _need(t.seq_len >= 2, "train.seq_len", f"must be >= 2, got {t.seq_len}")
+    _need(t.seq_len % p.sp == 0, "train.seq_len", f"{t.seq_len} is not divisible by parallel.sp={p.sp}")
+    _need(t.global_batch_size >= 1, "train.global_batch_size", f"must be >= 1, got {t.global_batch_size}")
+    _need(t.micro_batch_size >= 0, "train.micro_batch_size", f"must be >= 0, got {t.micro_batch_size}")
+    _need(t.max_steps >= 0, "train.max_steps", f"must be >= 0, got {t.max_steps}")
+    _need(t.precision in ("auto", "fp32", "bf16"), "train.precision", f"must be auto, fp32 or bf16, got '{t.precision}'")
+    _need(t.lr > 0 and 0 <= t.min_lr <= t.lr, "train.min_lr", f"need 0 <= min_lr <= lr and lr > 0, got lr={t.lr} min_lr={t.min_lr}")
+    _need(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
+    _need(t.max_bad_steps >= 1, "train.max_bad_steps", f"must be >= 1, got {t.max_bad_steps}")
+    _need(run.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", f"must be 0, 1, 2 or 3, got {run.deepspeed.zero_stage}")
+    _need(d.source in ("shards", "random", "synthetic"), "data.source", f"must be shards, random or synthetic, got '{d.source}'")
+    if d.source == "shards":
+        _need(bool(d.path), "data.path", "required when data.source=shards (a folder with manifest.json)")
+    if d.source == "synthetic":
+        _need(bool(d.task), "data.task", "required when data.source=synthetic")
+    _need(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
+    _need(run.checkpoint.every >= 0, "checkpoint.every", f"must be >= 0, got {run.checkpoint.every}")
+    _need(run.checkpoint.keep >= 1, "checkpoint.keep", f"must be >= 1, got {run.checkpoint.keep}")
+    _need(run.logging.progress in ("auto", "bar", "lines"), "logging.progress", f"must be auto, bar or lines, got '{run.logging.progress}'")
+    _need(bool(run.out_dir), "out_dir", "must not be empty")
+
+
+def check_world(run: RunConfig, world_size: int) -> int:
+    """Validate the config against a world size; returns dp = world_size / sp."""
+    sp = run.parallel.sp
+    _need(world_size % sp == 0, "parallel.sp", f"{sp} does not divide the world size {world_size}")
+    dp = world_size // sp
+    t = run.train
+    _need(t.global_batch_size % dp == 0, "train.global_batch_size", f"{t.global_batch_size} is not divisible by the data-parallel size {dp}")
+    if t.micro_batch_size:
+        _need((t.global_batch_size // dp) % t.micro_batch_size == 0, "train.micro_batch_size",
+              f"{t.micro_batch_size} does not divide the per-rank batch {t.global_batch_size // dp}")
+    return dp
