@@ -36,11 +36,25 @@ def get_backend() -> str:
     return _backend
 
 
-def _mask(trans: Tensor, reset: Optional[Tensor]) -> Tensor:
-    """Zero the transition at reset steps: A_t = 0 starts a document from nothing."""
-    if reset is None:
+def transition_mask(reset: Optional[Tensor], reverse: bool) -> Optional[Tensor]:
+    """Where A_t must be zero, from segment starts `reset` (B, T) (True at a document's first token).
+
+    Forward, the state entering a document's first token is dropped: A_t = 0 at reset[t].
+    Reverse, the state must not flow from a document back into the previous one: A_t = 0 where
+    reset[t + 1]. A start at t = 0 in reverse concerns the carry leaving the slice, which the
+    caller (sequence parallelism) drops; h_last itself is returned unchanged.
+    """
+    if reset is None or not reverse:
+        return reset
+    return torch.cat([reset[:, 1:], torch.zeros_like(reset[:, :1])], 1)
+
+
+def _mask(trans: Tensor, reset: Optional[Tensor], reverse: bool = False) -> Tensor:
+    """Zero the transitions that a document boundary cuts (see transition_mask)."""
+    cut = transition_mask(reset, reverse)
+    if cut is None:
         return trans
-    keep = (~reset).to(trans.dtype)
+    keep = (~cut).to(trans.dtype)
     return trans * keep.reshape(*keep.shape, *([1] * (trans.dim() - 2)))
 
 
@@ -51,6 +65,7 @@ class ScanOp:
 
     def __call__(self, trans: Tensor, u: Tensor, h0: Optional[Tensor] = None, reverse: bool = False,
                  reset: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """Scan one slice. reset: (B, T) bool, True where a document starts (see transition_mask)."""
         raise NotImplementedError
 
     def product(self, trans: Tensor, reverse: bool = False, reset: Optional[Tensor] = None) -> Tensor:
@@ -71,11 +86,11 @@ class BlockScan(ScanOp):
 
     def __call__(self, A, u, h0=None, reverse=False, reset=None):
         from . import block_scan
-        return block_scan(_mask(A, reset), u, h0, reverse)
+        return block_scan(_mask(A, reset, reverse), u, h0, reverse)
 
     def product(self, A, reverse=False, reset=None):
         from . import block_product
-        return block_product(_mask(A, reset), reverse)
+        return block_product(_mask(A, reset, reverse), reverse)
 
 
 class DiagScan(ScanOp):
@@ -85,11 +100,11 @@ class DiagScan(ScanOp):
 
     def __call__(self, a, u, h0=None, reverse=False, reset=None):
         from . import diag_scan
-        return diag_scan(_mask(a, reset), u, h0, reverse)
+        return diag_scan(_mask(a, reset, reverse), u, h0, reverse)
 
     def product(self, a, reverse=False, reset=None):
         from .checks import acc_dtype
-        return _mask(a, reset).to(acc_dtype(a)).prod(1)
+        return _mask(a, reset, reverse).to(acc_dtype(a)).prod(1)
 
     def apply(self, P, h):
         return P * h
@@ -105,11 +120,11 @@ class CompanionScan(ScanOp):
 
     def __call__(self, a, x, h0=None, reverse=False, reset=None):
         from . import companion_scan
-        return companion_scan(a, x, h0, reverse, reset)
+        return companion_scan(a, x, h0, reverse, transition_mask(reset, reverse))
 
     def product(self, a, reverse=False, reset=None):
         from . import block_product
-        return block_product(_mask(reference.companion_matrix(a), reset), reverse)
+        return block_product(_mask(reference.companion_matrix(a), reset, reverse), reverse)
 
 
 BLOCK = BlockScan()
