@@ -1,1 +1,7 @@
+"""Hybrid recurrent / attention language models (no process-group code: parallel/ wraps them)."""
+from .attention import Attention, local_attention
+from .hybrid import Block, HybridLM, ModelState, make_mixer
+from .recurrent import BDLRU, BLUR, GLRU, HLRU, LRU
 
+__all__ = ["HybridLM", "ModelState", "Block", "make_mixer", "Attention", "local_attention",
+           "LRU", "GLRU", "BDLRU", "HLRU", "BLUR"]

@@ -1,0 +1,146 @@
+"""The hybrid language model: embedding, a stack of pre-norm residual blocks whose mixers follow
+a pattern of recurrent and attention kinds, a final norm and a (tied) head.
+
+    logits = model(input_ids, doc_start)                      # training, packed sequences
+    logits, state = model(ids, state=state, return_state=True) # chunked prefill
+    logits, state = model.step(tokens, state)                  # one token at a time
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from llm_lru.config import ModelConfig, layer_kinds, validate_model
+
+from .attention import Attention
+from .layers import SwiGLU, ffn_width
+from .recurrent import BDLRU, BLUR, GLRU, HLRU, LRU
+
+
+@dataclass
+class ModelState:
+    """What the model carries between chunks: one entry per layer (a recurrent state tensor, or a
+    KV-cache dict for attention) and the number of tokens already read (the next RoPE position)."""
+    layers: List[Any] = field(default_factory=list)
+    pos: int = 0
+
+
+def make_mixer(cfg: ModelConfig, kind: str) -> nn.Module:
+    d, d_state = cfg.d_model, cfg.d_state or cfg.d_model
+    if kind in ("attn", "swa"):
+        return Attention(d, cfg.n_heads, cfg.n_kv_heads or cfg.n_heads, cfg.window if kind == "swa" else 0,
+                         cfg.rope_theta, cfg.causal)
+    if kind == "lru":
+        return LRU(d, d_state, cfg.lru_r_min, cfg.lru_r_max, cfg.lru_max_phase)
+    if kind == "glru":
+        return GLRU(d, d_state)
+    if kind == "bdlru":
+        return BDLRU(d, d_state, cfg.block_size, cfg.gate_norm)
+    if kind == "hlru":
+        return HLRU(d, d_state, cfg.block_size, cfg.gate_norm)
+    if kind == "blur":
+        return BLUR(d, d_state, cfg.lru_r_min, cfg.lru_r_max, cfg.lru_max_phase)
+    raise ValueError(f"model.pattern: unknown mixer kind '{kind}'")
+
+
+class Block(nn.Module):
+    """x + mixer(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.norm1 = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mixer = make_mixer(cfg, kind)
+        self.norm2 = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.d_model, ffn_width(cfg.d_model, cfg.ffn_dim))
+
+    def forward(self, x, doc_start=None, state=None, pos_offset: int = 0):
+        y, new_state = self.mixer(self.norm1(x), doc_start, state, pos_offset)
+        x = x + y
+        return x + self.mlp(self.norm2(x)), new_state
+
+
+class HybridLM(nn.Module):
+    """Causal (or, with blur and causal=False, bidirectional) LM over a hybrid stack."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        validate_model(cfg)
+        if cfg.vocab_size <= 0:
+            raise ValueError("model.vocab_size: must be set before building the model (0 means 'from the data's tokenizer')")
+        self.cfg = cfg
+        self.kinds = layer_kinds(cfg)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg, k) for k in self.kinds)
+        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+        self.checkpoint_blocks = False  # activation checkpointing, per block, while training
+        self._init_weights()
+
+    @torch.no_grad()
+    def _init_weights(self) -> None:
+        std = self.cfg.init_std
+        for mod in self.modules():
+            if isinstance(mod, (nn.Linear, nn.Embedding)):
+                mod.weight.normal_(0.0, std)
+                if getattr(mod, "bias", None) is not None:
+                    mod.bias.zero_()
+        # Residual outputs scaled down with depth (GPT-2), then each mixer's own initialisation.
+        for block in self.layers:
+            for name, p in block.named_parameters():
+                if name.endswith(("o_proj.weight", "out_proj.weight", "mlp.w2.weight")):
+                    p.normal_(0.0, std / math.sqrt(2 * len(self.layers)))
+            for mod in block.modules():
+                if hasattr(mod, "init_special"):
+                    mod.init_special()
+
+    def init_state(self, batch: int, device: Optional[torch.device] = None) -> ModelState:
+        """Zero recurrent states and empty KV caches for `batch` sequences."""
+        device = device or self.embed.weight.device
+        states = []
+        for block in self.layers:
+            if not hasattr(block.mixer, "init_state"):
+                raise ValueError(f"model.pattern: {block.kind} layers have no left-to-right state")
+            states.append(block.mixer.init_state(batch, device=device))
+        return ModelState(states, 0)
+
+    def forward(self, input_ids: torch.Tensor, doc_start: Optional[torch.Tensor] = None,
+                state: Optional[ModelState] = None, pos_offset: int = 0, return_state: bool = False):
+        """input_ids: (B, T) int64; doc_start: (B, T) bool or None; returns logits (B, T, V) fp32
+        (and the state after the input when return_state)."""
+        B, T = input_ids.shape
+        if return_state and state is None:
+            state = self.init_state(B, input_ids.device)
+        pos = pos_offset + (state.pos if state is not None else 0)
+        x = self.embed(input_ids)
+        new_states = []
+        for i, block in enumerate(self.layers):
+            layer_state = state.layers[i] if state is not None else None
+            if self.checkpoint_blocks and self.training and layer_state is None:
+                x, s = checkpoint(block, x, doc_start, None, pos, use_reentrant=False)
+            else:
+                x, s = block(x, doc_start, layer_state, pos)
+            new_states.append(s)
+        logits = self.head(self.norm(x)).float()
+        if return_state:
+            return logits, ModelState(new_states, state.pos + T)
+        return logits
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor, state: ModelState):
+        """One token per sequence: tokens (B,) -> logits (B, V), next state."""
+        logits, state = self.forward(tokens[:, None], state=state, return_state=True)
+        return logits[:, 0], state
+
+    def num_params(self, exclude_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embedding:
+            n -= self.embed.weight.numel()
+        return n
