@@ -1,0 +1,400 @@
+"""Corpus -> tokenizer -> documents packed into fixed-length samples -> WebDataset shards.
+
+Pipeline: tasks (corpus.py) are read and tokenized by a pool of worker processes; results come
+back in task order (`imap`), so the single packer in the main process sees the same documents in
+the same order whatever the worker count, and the shards are byte-identical for the same inputs
+and seed. Documents are joined as `doc EOS doc EOS ...` and cut into non-overlapping samples of
+seq_len + 1 tokens; a trailing remainder shorter than a sample is dropped (and counted).
+
+Resume: after every task that completed a shard, the packer's pending tokens go to
+`.prep_pending-N.npz` and the position to `.prep_state.json`; a rerun of the same command starts
+at the next task and keeps the finished shards (checked by sha256). The granularity is one task
+(at most ~4 MB of input), so at most the shards of one task are written again, identically.
+"""
+from __future__ import annotations
+
+import io
+import multiprocessing as mp
+import os
+import shlex
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from llm_lru.data_prep import corpus
+from llm_lru.data_prep.manifest import FORMAT, MANIFEST, read_manifest, write_json_atomic
+from llm_lru.data_prep.tokenizer import (LoadedTokenizer, from_path, load_tokenizer, make_tokenizer,
+                                         save_tokenizer, sha256_file)
+
+STATE = ".prep_state.json"
+SPLITS = ("train", "val")
+
+
+@dataclass
+class PrepConfig:
+    """Everything that determines the output bytes (worker count does not)."""
+
+    inputs: List[str] = field(default_factory=list)   # resolved, sorted files
+    corpus: str = ""
+    tokenizer: str = "bytes"
+    tokenizer_sha256: str = ""                          # of a user-supplied tokenizer.json
+    eos_token: str = ""
+    seq_len: int = 2048
+    shard_size: int = 1000
+    val_fraction: float = 0.0
+    seed: int = 0
+    max_bytes: int = 0
+    text_field: str = "text"
+    bpe_train_bytes: int = 256 << 20
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"shard-{index:06d}.tar" if split == "train" else f"val-{index:06d}.tar"
+
+
+def _npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return buf.getvalue()
+
+
+def write_shard(path: Path, first_index: int, tokens: np.ndarray, starts: List[np.ndarray]) -> None:
+    """Write one tar of samples (tokens: (S, L+1)) with webdataset's TarWriter, atomically.
+
+    mtime, owner and mode are fixed so that the bytes depend on the content only.
+    """
+    import webdataset as wds
+
+    tmp = path.with_name(path.name + ".tmp")
+    with wds.TarWriter(str(tmp), encoder=False, mtime=0) as w:
+        for i in range(len(tokens)):
+            w.write({"__key__": f"{first_index + i:09d}", "tokens.npy": _npy(tokens[i]),
+                     "starts.npy": _npy(starts[i].astype(np.int32))})
+    os.replace(tmp, path)
+
+
+class Packer:
+    """Joins documents with EOS and cuts samples of n = seq_len + 1 tokens."""
+
+    def __init__(self, seq_len: int, eos_id: int, dtype: np.dtype):
+        self.n, self.eos, self.dtype = seq_len + 1, eos_id, dtype
+        self.tokens = np.empty(0, dtype)      # pending, shorter than one sample
+        self.starts = np.empty(0, bool)
+
+    def add(self, ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """Append one document; return the completed samples (S, n) and their start masks."""
+        doc_starts = np.zeros(len(ids) + 1, bool)
+        doc_starts[0] = True
+        toks = np.concatenate([self.tokens, ids.astype(self.dtype), np.array([self.eos], self.dtype)])
+        sts = np.concatenate([self.starts, doc_starts])
+        k = len(toks) // self.n
+        self.tokens, self.starts = toks[k * self.n:], sts[k * self.n:]
+        return toks[: k * self.n].reshape(k, self.n), sts[: k * self.n].reshape(k, self.n)
+
+
+class SplitWriter:
+    """Collects samples of one split and writes a shard every `shard_size` samples."""
+
+    def __init__(self, out: Path, split: str, shard_size: int, seq_len: int, dtype: np.dtype):
+        self.out, self.split, self.shard_size = out, split, shard_size
+        self.tokens = np.empty((0, seq_len + 1), dtype)
+        self.starts = np.empty((0, seq_len + 1), bool)
+        self.shards: List[Dict[str, Any]] = []
+
+    @property
+    def samples_written(self) -> int:
+        return sum(s["samples"] for s in self.shards)
+
+    def add(self, tokens: np.ndarray, starts: np.ndarray) -> int:
+        """Queue samples; write full shards. Returns the number of shards written."""
+        self.tokens = np.concatenate([self.tokens, tokens])
+        self.starts = np.concatenate([self.starts, starts])
+        n = 0
+        while len(self.tokens) >= self.shard_size:
+            self._write(self.shard_size)
+            n += 1
+        return n
+
+    def flush(self) -> None:
+        if len(self.tokens):
+            self._write(len(self.tokens))
+
+    def _write(self, count: int) -> None:
+        name = shard_name(self.split, len(self.shards))
+        path = self.out / name
+        toks, sts = self.tokens[:count], self.starts[:count]
+        write_shard(path, self.samples_written, toks, [np.flatnonzero(s) for s in sts])
+        self.shards.append({"name": name, "samples": int(count), "tokens": int(toks.size),
+                            "documents": int(sts.sum()), "bytes": path.stat().st_size,
+                            "sha256": sha256_file(path)})
+        self.tokens, self.starts = self.tokens[count:], self.starts[count:]
+
+
+# ---- worker side: read and tokenize one task -----------------------------------------------
+_TOK: Optional[LoadedTokenizer] = None
+_BYTES = False
+
+
+def _init_worker(tokenizer_file: str, kind: str) -> None:
+    global _TOK, _BYTES
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _TOK = from_path(tokenizer_file)
+    _BYTES = kind == "bytes"
+
+
+def _encode(texts: List[str]) -> List[np.ndarray]:
+    if _BYTES:
+        # The bytes tokenizer maps byte b to id b: skip HF for speed (a test checks equality).
+        return [np.frombuffer(t.encode("utf-8"), np.uint8) for t in texts]
+    return [np.asarray(ids, np.uint32) for ids in _TOK.encode_batch(texts)]
+
+
+def _work(job: Tuple[int, corpus.Task, str, int, float]):
+    """Read + tokenize one task: (index, [(is_val, ids), ...], stats, bad)."""
+    index, task, text_field, seed, val_fraction = job
+    out: List[Tuple[bool, np.ndarray]] = []
+    stats = {"bytes": 0, "bad_records": 0, "empty_documents": 0}
+    bad: List[Dict[str, str]] = []
+    for piece in task.pieces:
+        docs, st, b = corpus.read_piece(piece, text_field)
+        stats["bytes"] += st["bytes"]
+        stats["bad_records"] += st["bad_records"]
+        bad += b
+        keep = [(i, d) for i, d in enumerate(docs) if d]
+        stats["empty_documents"] += len(docs) - len(keep)
+        for (i, _), ids in zip(keep, _encode([d for _, d in keep])):
+            out.append((corpus.is_val(seed, piece, i, val_fraction), ids))
+    return index, out, stats, bad
+
+
+# ---- main side ------------------------------------------------------------------------------
+def _check_out_dir(out: Path, cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """Refuse a folder made by a different command; return the resume state, if any."""
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a folder")
+    if (out / MANIFEST).exists():
+        m = read_manifest(out)
+        if m.get("config") != cfg:
+            raise ValueError(f"--out {out}: holds shards made by a different command "
+                             f"('{m.get('command')}'); choose another folder or delete it")
+        return {"done": True}
+    if (out / STATE).exists():
+        import json
+        st = json.loads((out / STATE).read_text())
+        if st.get("config") != cfg:
+            raise ValueError(f"--out {out}: holds an unfinished prep of a different command "
+                             f"('{st.get('command')}'); choose another folder or delete it")
+        return st
+    if any(out.iterdir()):
+        raise ValueError(f"--out {out}: exists, is not empty and is not a prep folder; nothing written")
+    return None
+
+
+def _bpe_texts(tasks: Sequence[corpus.Task], cfg: PrepConfig) -> Iterator[str]:
+    """Training texts for bpe:N: train-split documents up to bpe_train_bytes."""
+    seen = 0
+    for task in tasks:
+        for piece in task.pieces:
+            docs, _, _ = corpus.read_piece(piece, cfg.text_field)
+            for i, d in enumerate(docs):
+                if d and not corpus.is_val(cfg.seed, piece, i, cfg.val_fraction):
+                    yield d
+                    seen += len(d)
+                    if seen >= cfg.bpe_train_bytes:
+                        return
+
+
+def run_prep(cfg: PrepConfig, out: str | Path, workers: int = 1, command: str = "",
+         progress: bool = True) -> Dict[str, Any]:
+    """Run (or resume) a prep into `out`; returns the manifest. See the module docstring."""
+    out = Path(out)
+    if cfg.seq_len < 2:
+        raise ValueError(f"--seq-len must be >= 2, got {cfg.seq_len}")
+    if cfg.shard_size < 1:
+        raise ValueError(f"--shard-size must be >= 1, got {cfg.shard_size}")
+    if not 0 <= cfg.val_fraction < 1:
+        raise ValueError(f"--val-fraction must be in [0, 1), got {cfg.val_fraction}")
+    files = corpus.stdlib_files() if cfg.corpus == "python-stdlib" else corpus.find_files(cfg.inputs)
+    if cfg.corpus:
+        cfg.inputs = []
+    else:
+        cfg.inputs = files
+    if cfg.tokenizer not in ("bytes",) and not cfg.tokenizer.startswith("bpe:"):
+        cfg.tokenizer_sha256 = sha256_file(from_path_file(cfg.tokenizer))
+    conf = asdict(cfg)
+    state = _check_out_dir(out, conf)
+    if state and state.get("done"):
+        return read_manifest(out)
+    tasks, bad_files = corpus.make_tasks(files, cfg.max_bytes)
+    if not tasks:
+        raise ValueError("empty corpus: the inputs hold no readable documents"
+                         + (f" ({len(bad_files)} bad files, e.g. {bad_files[0]['path']})" if bad_files else ""))
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _run(cfg, conf, out, tasks, bad_files, state, workers, command, progress)
+    except BaseException:
+        if created and not any(out.glob("*.tar")):
+            # Nothing worth resuming: leave no half-made folder behind.
+            for p in out.iterdir():
+                p.unlink()
+            out.rmdir()
+        raise
+
+
+def from_path_file(spec: str) -> Path:
+    p = Path(spec)
+    return p / "tokenizer.json" if p.is_dir() else p
+
+
+def _run(cfg: PrepConfig, conf: Dict[str, Any], out: Path, tasks: List[corpus.Task],
+         bad_files: List[Dict[str, str]], state: Optional[Dict[str, Any]], workers: int,
+         command: str, progress: bool) -> Dict[str, Any]:
+    import json
+
+    if state:
+        tok = load_tokenizer({"_dir": str(out), "tokenizer": state["tokenizer"]})
+        tok_rec = state["tokenizer"]
+    else:
+        texts = _bpe_texts(tasks, cfg) if cfg.tokenizer.startswith("bpe:") else None
+        tok = make_tokenizer(cfg.tokenizer, texts, eos_token=cfg.eos_token or None)
+        tok_rec = save_tokenizer(tok, out)
+    dtype = np.dtype("<u2" if tok.vocab_size <= 1 << 16 else "<u4")   # little-endian on disk, any host
+    packers = {s: Packer(cfg.seq_len, tok.eos_id, dtype) for s in SPLITS}
+    writers = {s: SplitWriter(out, s, cfg.shard_size, cfg.seq_len, dtype) for s in SPLITS}
+    stats = {"files": len({p.path for t in tasks for p in t.pieces}), "bytes": 0, "documents": 0,
+             "empty_documents": 0, "bad_records": 0, "bad_files": list(bad_files)}
+    start = 0
+    if state:
+        start = state["next_task"]
+        stats = state["stats"]
+        pend = np.load(out / state["pending"])
+        for s in SPLITS:
+            for rec in state["shards"][s]:
+                if not (out / rec["name"]).is_file() or sha256_file(out / rec["name"]) != rec["sha256"]:
+                    raise ValueError(f"{out / rec['name']}: finished shard is missing or changed since the "
+                                     f"interrupted run; delete {out} and run again")
+            writers[s].shards = list(state["shards"][s])
+            packers[s].tokens, packers[s].starts = pend[f"{s}_ptok"], pend[f"{s}_pst"]
+            writers[s].tokens, writers[s].starts = pend[f"{s}_wtok"], pend[f"{s}_wst"]
+    jobs = ((i, tasks[i], cfg.text_field, cfg.seed, cfg.val_fraction) for i in range(start, len(tasks)))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=sum(t.size for t in tasks), initial=sum(t.size for t in tasks[:start]),
+                   unit="B", unit_scale=True, desc="prep", file=sys.stderr)
+    tok_file = str(out / "tokenizer.json")
+    pool = None
+    if workers > 1:
+        # fork: workers start in milliseconds; they only read files and run the tokenizer.
+        ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+        pool = ctx.Pool(workers, initializer=_init_worker, initargs=(tok_file, tok.kind))
+        results = pool.imap(_work, jobs, chunksize=1)
+    else:
+        _init_worker(tok_file, tok.kind)
+        results = map(_work, jobs)
+    pending_n = state["pending_n"] + 1 if state else 0
+    try:
+        for index, docs, st, bad in results:
+            wrote = 0
+            for is_val, ids in docs:
+                split = "val" if is_val else "train"
+                wrote += writers[split].add(*packers[split].add(ids))
+            stats["documents"] += len(docs)
+            for k in ("bytes", "bad_records", "empty_documents"):
+                stats[k] += st[k]
+            stats["bad_files"] += bad
+            if bar:
+                bar.update(tasks[index].size)
+            if wrote and index + 1 < len(tasks):
+                _save_state(out, conf, command, tok_rec, index + 1, stats, packers, writers, pending_n)
+                pending_n += 1
+    finally:
+        if pool:
+            pool.terminate()
+        if bar:
+            bar.close()
+    return _finish(cfg, conf, out, command, tok_rec, dtype, stats, packers, writers)
+
+
+def _save_state(out, conf, command, tok_rec, next_task, stats, packers, writers, n) -> None:
+    name = f".prep_pending-{n:06d}.npz"
+    arrays = {}
+    for s in SPLITS:
+        arrays.update({f"{s}_ptok": packers[s].tokens, f"{s}_pst": packers[s].starts,
+                       f"{s}_wtok": writers[s].tokens, f"{s}_wst": writers[s].starts})
+    tmp = out / (name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, out / name)
+    write_json_atomic(out / STATE, {"config": conf, "command": command, "tokenizer": tok_rec,
+                                    "next_task": next_task, "stats": stats, "pending": name,
+                                    "pending_n": n, "shards": {s: writers[s].shards for s in SPLITS}})
+    for old in out.glob(".prep_pending-*.npz"):
+        if old.name != name:
+            old.unlink()
+
+
+def _finish(cfg, conf, out, command, tok_rec, dtype, stats, packers, writers) -> Dict[str, Any]:
+    if stats["documents"] == 0:
+        raise ValueError(f"empty corpus: no documents could be read ({len(stats['bad_files'])} bad files, "
+                         f"{stats['bad_records']} bad records, {stats['empty_documents']} empty documents)")
+    for s in SPLITS:
+        writers[s].flush()
+    if not writers["train"].shards:
+        raise ValueError(f"corpus too small: {sum(len(p.tokens) for p in packers.values())} tokens make "
+                         f"no sample of --seq-len {cfg.seq_len} + 1 tokens")
+    stats["dropped_tokens"] = int(sum(len(p.tokens) for p in packers.values()))
+    splits = {}
+    for s in SPLITS:
+        sh = writers[s].shards
+        if sh or s == "train":
+            splits[s] = {"shards": sh, "samples": sum(x["samples"] for x in sh),
+                         "tokens": sum(x["tokens"] for x in sh), "documents": sum(x["documents"] for x in sh)}
+    manifest = {"format": FORMAT, "command": command, "config": conf, "seq_len": cfg.seq_len,
+                "dtype": dtype.name, "tokenizer": tok_rec, "splits": splits, "stats": stats}
+    write_json_atomic(out / MANIFEST, manifest)
+    for p in list(out.glob(".prep_pending-*.npz")) + [out / STATE]:
+        if p.exists():
+            p.unlink()
+    return read_manifest(out)
+
+
+def verify(path: str | Path) -> List[str]:
+    """Check every shard of a prep folder against its manifest; return the problems found.
+
+    Checks size, sha256, tar structure and sample count of each shard, and the tokenizer hash.
+    """
+    from llm_lru.data_prep.shards import read_samples
+
+    m = read_manifest(path)
+    base = Path(m["_dir"])
+    problems = []
+    tfile = base / m["tokenizer"]["file"]
+    if not tfile.is_file() or sha256_file(tfile) != m["tokenizer"]["sha256"]:
+        problems.append(f"{tfile}: missing or sha256 differs from the manifest")
+    for split, rec in m["splits"].items():
+        for sh in rec["shards"]:
+            p = base / sh["name"]
+            if not p.is_file():
+                problems.append(f"{p}: missing")
+                continue
+            if sha256_file(p) != sh["sha256"]:
+                problems.append(f"{p}: sha256 differs from the manifest")
+                continue
+            try:
+                n = sum(1 for _ in read_samples(str(p), m["seq_len"], dtype=m["dtype"]))
+                if n != sh["samples"]:
+                    problems.append(f"{p}: {n} samples, manifest says {sh['samples']}")
+            except ValueError as e:
+                problems.append(str(e))
+    return problems
+
+
+def command_line(argv: Sequence[str]) -> str:
+    return "llm-lru prep " + shlex.join(list(argv))

@@ -1,0 +1,91 @@
+"""Generated data behind the loader interface: `random` tokens and registered `synthetic` tasks.
+
+A task is a function registered under a name:
+
+    fn(rng: numpy.random.Generator, seq_len: int, **task_args) -> dict(
+        tokens    = int array (seq_len + 1,)   inputs are tokens[:-1], targets tokens[1:]
+        loss_mask = bool array (seq_len,) or None (None: every target counts); False positions
+                    get label -100
+        doc_starts= None (one document from position 0), an int array of input positions where a
+                    document starts, or a bool array (seq_len,)
+    )
+
+`rng` is seeded from (train.seed, split, global sample index), so sample k is the same whatever
+the rank layout and across resumes; the function must draw all randomness from it. If the
+function takes a `vocab_size` argument and task_args has none, model.vocab_size is passed.
+The eval suites register their tasks (MQAR, state tracking) with `register_task`; `copy` is the
+example and the interface test.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Dict
+
+import numpy as np
+
+TaskFn = Callable[..., Dict[str, Any]]
+TASKS: Dict[str, TaskFn] = {}
+
+
+def register_task(name: str, fn: TaskFn) -> TaskFn:
+    """Register `fn` as synthetic task `name` (data.task); returns fn (usable as a decorator body)."""
+    if not callable(fn):
+        raise TypeError(f"register_task('{name}'): fn must be callable")
+    TASKS[name] = fn
+    return fn
+
+
+def copy_task(rng: np.random.Generator, seq_len: int, vocab_size: int = 16, n: int = 0) -> Dict[str, Any]:
+    """Copy: `n` random tokens from 2..vocab_size-1, separator 1, the same tokens again, 0-padded.
+
+    Only the copied half is scored. n=0 takes the largest n that fits: 2n + 1 <= seq_len + 1.
+    """
+    n = n or seq_len // 2
+    if 2 * n + 1 > seq_len + 1 or n < 1:
+        raise ValueError(f"data.task_args.n: copy of {n} tokens does not fit seq_len {seq_len}")
+    if vocab_size < 3:
+        raise ValueError(f"data.task_args.vocab_size: copy needs >= 3, got {vocab_size}")
+    x = rng.integers(2, vocab_size, size=n)
+    tokens = np.zeros(seq_len + 1, np.int64)
+    tokens[:n], tokens[n], tokens[n + 1: 2 * n + 1] = x, 1, x
+    mask = np.zeros(seq_len, bool)
+    mask[n: 2 * n] = True          # input position t predicts tokens[t+1]: the copy is tokens[n+1 : 2n+1]
+    return {"tokens": tokens, "loss_mask": mask, "doc_starts": None}
+
+
+register_task("copy", copy_task)
+
+
+def make_sample(name: str, rng: np.random.Generator, seq_len: int, task_args: Dict[str, Any],
+                vocab_size: int = 0):
+    """Run task `name` once and check its output: (tokens (L+1,), loss_mask (L,), doc_start (L,))."""
+    if name not in TASKS:
+        raise ValueError(f"data.task: unknown synthetic task '{name}' (registered: {', '.join(sorted(TASKS))})")
+    fn = TASKS[name]
+    args = dict(task_args)
+    if vocab_size and "vocab_size" not in args and "vocab_size" in inspect.signature(fn).parameters:
+        args["vocab_size"] = vocab_size
+    out = fn(rng, seq_len, **args)
+    tokens = np.asarray(out["tokens"])
+    if tokens.shape != (seq_len + 1,) or not np.issubdtype(tokens.dtype, np.integer):
+        raise ValueError(f"data.task '{name}': tokens must be an int array of shape ({seq_len + 1},), got "
+                         f"{tokens.dtype} {tokens.shape}")
+    mask = out.get("loss_mask")
+    mask = np.ones(seq_len, bool) if mask is None else np.asarray(mask, bool)
+    if mask.shape != (seq_len,):
+        raise ValueError(f"data.task '{name}': loss_mask must have shape ({seq_len},), got {mask.shape}")
+    ds = out.get("doc_starts")
+    starts = np.zeros(seq_len, bool)
+    if ds is None:
+        starts[0] = True
+    else:
+        ds = np.asarray(ds)
+        if ds.dtype == bool:
+            if ds.shape != (seq_len,):
+                raise ValueError(f"data.task '{name}': doc_starts mask must have shape ({seq_len},)")
+            starts = ds
+        else:
+            starts[ds[ds < seq_len]] = True
+    if vocab_size and (tokens.min() < 0 or tokens.max() >= vocab_size):
+        raise ValueError(f"data.task '{name}': token ids outside [0, model.vocab_size={vocab_size})")
+    return tokens.astype(np.int64), mask, starts
