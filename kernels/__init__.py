@@ -12,37 +12,93 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import ops
-from .ops import BLOCK, COMPANION, DIAG, ScanOp, get_backend, set_backend
+import warnings
+
+from . import chunked, ops
+from .chunked import block_product_tree, block_scan_chunked, companion_scan_chunked, diag_scan_chunked
+from .ops import BLOCK, COMPANION, DIAG, ScanOp, get_backend, set_backend, transition_mask
 from .reference import (block_product_ref, block_scan_ref, companion_matrix, companion_scan_ref,
                         diag_scan_ref)
 
 Tensor = torch.Tensor
+_warned_no_triton = False
+
+
+def backend_for(*tensors: Optional[Tensor]) -> str:
+    """The backend that runs a scan on these tensors: "ref", "torch" or "triton".
+
+    "auto" means Triton for CUDA tensors and the chunked PyTorch path elsewhere; on CUDA without
+    an installed `triton` it falls back to the chunked path (with one warning).
+    """
+    global _warned_no_triton
+    name = get_backend()
+    if name != "auto":
+        return name
+    if not any(t is not None and t.is_cuda for t in tensors):
+        return "torch"
+    try:
+        import triton  # noqa: F401  (only probed for CUDA tensors: CPU users never import it)
+    except ImportError:
+        if not _warned_no_triton:
+            warnings.warn("scan backend auto: triton is not installed, CUDA scans use the PyTorch path")
+            _warned_no_triton = True
+        return "torch"
+    return "triton"
+
+
+def _triton():
+    """The Triton kernels, imported on first use only."""
+    from . import triton as kernels_triton
+    return kernels_triton
 
 
 def block_scan(A: Tensor, u: Tensor, h0: Optional[Tensor] = None, reverse: bool = False) -> Tuple[Tensor, Tensor]:
     """h_t = A_t h_{t-1} + u_t per block (reverse: h_t = A_t h_{t+1} + u_t); see module doc."""
-    return block_scan_ref(A, u, h0, reverse)
+    backend = backend_for(A, u, h0)
+    if backend == "ref":
+        return block_scan_ref(A, u, h0, reverse)
+    if backend == "triton":
+        return _triton().block_scan_triton(A, u, h0, reverse)
+    return block_scan_chunked(A, u, h0, reverse)
 
 
 def diag_scan(a: Tensor, u: Tensor, h0: Optional[Tensor] = None, reverse: bool = False) -> Tuple[Tensor, Tensor]:
     """h_t = a_t * h_{t-1} + u_t elementwise. a, u: (B, T, N), h0: (B, N)."""
-    return diag_scan_ref(a, u, h0, reverse)
+    backend = backend_for(a, u, h0)
+    if backend == "ref":
+        return diag_scan_ref(a, u, h0, reverse)
+    if backend == "triton":
+        return _triton().diag_scan_triton(a, u, h0, reverse)
+    return diag_scan_chunked(a, u, h0, reverse)
 
 
 def companion_scan(a: Tensor, x: Tensor, h0: Optional[Tensor] = None, reverse: bool = False,
                    reset: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-    """y_t = sum_k a_t[k-1] y_{t-k} + x_t. a: (B, T, N, m), x: (B, T, N) -> y (B, T, N), state (B, N, m)."""
-    return companion_scan_ref(a, x, h0, reverse, reset)
+    """y_t = sum_k a_t[k-1] y_{t-k} + x_t. a: (B, T, N, m), x: (B, T, N) -> y (B, T, N), state (B, N, m).
+
+    reset: (B, T) bool per-step cuts (reset[b, t] zeroes the whole transition of step t) or None.
+    """
+    backend = backend_for(a, x, h0)
+    if backend == "ref":
+        return companion_scan_ref(a, x, h0, reverse, reset)
+    if backend == "triton":
+        return _triton().companion_scan_triton(a, x, h0, reverse, reset)
+    return companion_scan_chunked(a, x, h0, reverse, reset)
 
 
 def block_product(A: Tensor, reverse: bool = False) -> Tensor:
-    """State map of a whole slice: A_T ... A_1 (reverse: A_1 ... A_T). (B, T, N, m, m) -> (B, N, m, m)."""
-    return block_product_ref(A, reverse)
+    """State map of a whole slice: A_T ... A_1 (reverse: A_1 ... A_T). (B, T, N, m, m) -> (B, N, m, m).
+
+    Every backend but "ref" uses the log-depth tree (plain PyTorch, so it runs on any device).
+    """
+    if get_backend() == "ref":
+        return block_product_ref(A, reverse)
+    return block_product_tree(A, reverse)
 
 
 __all__ = [
-    "block_scan", "diag_scan", "companion_scan", "block_product",
+    "block_scan", "diag_scan", "companion_scan", "block_product", "backend_for", "chunked",
+    "block_scan_chunked", "diag_scan_chunked", "companion_scan_chunked", "block_product_tree",
     "block_scan_ref", "diag_scan_ref", "companion_scan_ref", "block_product_ref", "companion_matrix",
-    "ops", "ScanOp", "BLOCK", "DIAG", "COMPANION", "set_backend", "get_backend",
+    "ops", "ScanOp", "BLOCK", "DIAG", "COMPANION", "set_backend", "get_backend", "transition_mask",
 ]

@@ -1,0 +1,395 @@
+"""Fast pure-PyTorch scans (CPU, or any device): a chunked two-level form with lean backwards.
+
+Same contract as `reference.py` (h0, h_last, reverse; companion `reset`; outputs in the
+accumulation dtype). The sequence is cut into chunks of C steps (the last one padded):
+
+1. every chunk is scanned from a zero state at once, one batched op per step, carrying along the
+   cumulative transition of the chunk: X_t = A_t X_{t-1} + [0 | u_t] with X = [Pcum | local];
+2. a short loop over chunks folds the carries: h_in(c+1) = P(c) h_in(c) + s(c);
+3. one batched op corrects every state: h_t = local_t + Pcum_t h_in(chunk of t).
+
+A scan of length T costs about C + T / C Python-level steps instead of T (C ~ sqrt(T)).
+The backward of h_t = A_t h_{t-1} + u_t is the same scan run the other way with shifted,
+transposed transitions (g_t = dL/dh_t + A_{t+1}^T g_{t+1}), so every autograd.Function here saves
+only its inputs and outputs, never a per-step graph.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator, Optional, Tuple
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .checks import MAX_BLOCK_SIZE, acc_dtype, check_block, check_companion, check_diag, check_tensor
+
+Tensor = torch.Tensor
+
+
+def default_chunk(T: int) -> int:
+    """Steps per chunk: ~sqrt(T) balances the in-chunk loop against the loop over chunks."""
+    return max(1, min(T, int(math.ceil(math.sqrt(T)))))
+
+
+# ----------------------------------------------------------------------------------------------
+# Chunk layout: (B, T, *r) <-> (C, B, nc, *r), time-major inside a chunk so that the step-t slice
+# of every chunk is one contiguous tensor. One copy each way, padding and shifts folded in.
+
+def _segments(a: int, b: int, C: int) -> Iterator[Tuple[int, int, Optional[int], int]]:
+    """Split positions [a, b) into runs (p, chunk, i, n): a run of n whole chunks (i None) or
+    n positions i.. inside one chunk."""
+    p = a
+    while p < b:
+        c, i = divmod(p, C)
+        if i == 0 and b - p >= C:
+            k = (b - p) // C
+            yield p, c, None, k
+            p += k * C
+        else:
+            n = min(C - i, b - p)
+            yield p, c, i, n
+            p += n
+
+
+def _put(v: Tensor, a: int, b: int, C: int, src) -> None:
+    """v: (B, nc, C, *r) view of a chunk buffer; write positions [a, b) from src (B, b-a, *r) or a fill."""
+    for p, c, i, n in _segments(a, b, C):
+        if isinstance(src, Tensor) and src.dim() == v.dim() - 1:
+            s = src[:, p - a:p - a + (n * C if i is None else n)]
+            if i is None:
+                v[:, c:c + n] = s.unflatten(1, (n, C))
+            else:
+                v[:, c, i:i + n] = s
+        elif i is None:
+            v[:, c:c + n] = src
+        else:
+            v[:, c, i:i + n] = src
+
+
+def _chunk(x: Tensor, C: int, nc: int, fill, dtype: torch.dtype, shift: int = 0,
+           out: Optional[Tensor] = None) -> Tensor:
+    """x (B, Tx, *r) -> (C, B, nc, *r): position p = c*C + i holds x[:, p + shift], `fill` outside."""
+    B, Tx = x.shape[:2]
+    if out is None:
+        out = torch.empty((C, B, nc) + tuple(x.shape[2:]), dtype=dtype, device=x.device)
+    v = out.movedim(0, 2)
+    Tp = nc * C
+    lo, hi = max(0, -shift), max(max(0, -shift), min(Tp, Tx - shift))
+    if not isinstance(fill, Tensor):
+        fill = torch.tensor(fill, dtype=dtype, device=x.device)
+    _put(v, 0, lo, C, fill)
+    _put(v, hi, Tp, C, fill)
+    _put(v, lo, hi, C, x[:, lo + shift:hi + shift])
+    return out
+
+
+def _unchunk(xc: Tensor, T: int) -> Tensor:
+    """(C, B, nc, *r) -> (B, T, *r) (drops the padding)."""
+    C, B = xc.shape[:2]
+    v = xc.movedim(0, 2)
+    out = xc.new_empty((B, T) + tuple(xc.shape[3:]))
+    for p, c, i, n in _segments(0, T, C):
+        if i is None:
+            out[:, p:p + n * C].unflatten(1, (n, C)).copy_(v[:, c:c + n])
+        else:
+            out[:, p:p + n].copy_(v[:, c, i:i + n])
+    return out
+
+
+def _orders(C: int, nc: int, reverse: bool):
+    steps = range(C - 1, -1, -1) if reverse else range(C)
+    chunks = range(nc - 1, -1, -1) if reverse else range(nc)
+    return list(steps), list(chunks)
+
+
+# ----------------------------------------------------------------------------------------------
+# Block scan
+
+def _block_core(A: Tensor, u: Tensor, h0: Optional[Tensor], reverse: bool, C: int, shift: int = 0,
+                transpose: bool = False) -> Tensor:
+    """Chunked block scan without autograd: h (B, T, N, m) in the accumulation dtype.
+
+    Step t uses A[:, t + shift] (transposed if asked; identity where out of range)."""
+    B, T, N, m = u.shape
+    dt = acc_dtype(A, u, h0)
+    nc = -(-T // C)
+    M = B * nc * N
+    At = A.transpose(-1, -2) if transpose else A
+    Ac = _chunk(At, C, nc, torch.eye(m, dtype=dt, device=u.device), dt, shift)
+    X = torch.zeros((C, B, nc, N, m, m + 1), dtype=dt, device=u.device)
+    _chunk(u, C, nc, 0.0, dt, out=X[..., m])
+    steps, chunks = _orders(C, nc, reverse)
+    X[steps[0], ..., :m] = Ac[steps[0]]
+    Xf, Af = X.view(C, M, m, m + 1), Ac.view(C, M, m, m)
+    prev = steps[0]
+    for t in steps[1:]:  # every chunk from a zero state: X_t = [0 | u_t] + A_t X_{t-1}
+        Xf[t].baddbmm_(Af[t], Xf[prev])
+        prev = t
+    del Ac, Af
+    if nc == 1 and h0 is None:
+        return _unchunk(X[..., m], T)
+    end = X[prev]  # (B, nc, N, m, m+1): [P | s] of every chunk
+    hin = torch.zeros((nc, B * N, m, 1), dtype=dt, device=u.device)  # state entering each chunk
+    if h0 is not None:
+        hin[chunks[0], :, :, 0] = h0.reshape(B * N, m)
+    for c0, c in zip(chunks[:-1], chunks[1:]):  # carries between chunks
+        torch.baddbmm(end[:, c0, :, :, m:].reshape(B * N, m, 1), end[:, c0, :, :, :m].reshape(B * N, m, m),
+                      hin[c0], out=hin[c])
+    h = torch.matmul(X[..., :m], hin.view(nc, B, N, m, 1).movedim(0, 1)).squeeze(-1).add_(X[..., m])
+    return _unchunk(h, T)
+
+
+class _BlockScanFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, A, u, h0, reverse, C):
+        h = _block_core(A, u, h0, reverse, C)
+        ctx.save_for_backward(A, h0, h)
+        ctx.reverse, ctx.C, ctx.u_dtype = reverse, C, u.dtype
+        return h, h[:, 0 if reverse else -1].clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gh, glast):
+        A, h0, h = ctx.saved_tensors
+        rev, C = ctx.reverse, ctx.C
+        # g_t = dL/dh_t + A_{t+1}^T g_{t+1} (reverse: A_{t-1}^T g_{t-1}), seeded by dL/dh_last.
+        g = _block_core(A, gh, glast, not rev, C, shift=-1 if rev else 1, transpose=True)
+        first = -1 if rev else 0
+        dA = dh0 = None
+        if ctx.needs_input_grad[0]:
+            dA = torch.empty(A.shape, dtype=g.dtype, device=g.device)
+            inner, outer = (slice(0, -1), slice(1, None)) if rev else (slice(1, None), slice(0, -1))
+            torch.mul(g[:, inner, ..., :, None], h[:, outer, ..., None, :], out=dA[:, inner])
+            if h0 is None:
+                dA[:, first] = 0
+            else:
+                torch.mul(g[:, first, ..., :, None], h0.to(g.dtype)[..., None, :], out=dA[:, first])
+            dA = dA.to(A.dtype)
+        if h0 is not None and ctx.needs_input_grad[2]:
+            dh0 = torch.einsum("bnji,bnj->bni", A[:, first].to(g.dtype), g[:, first]).to(h0.dtype)
+        du = g.to(ctx.u_dtype) if ctx.needs_input_grad[1] else None
+        return dA, du, dh0, None, None
+
+
+def block_scan_chunked(A: Tensor, u: Tensor, h0: Optional[Tensor] = None, reverse: bool = False,
+                       chunk: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+    """h_t[n] = A_t[n] h_{t-1}[n] + u_t[n] (reverse: h_{t+1}), chunked; same contract as block_scan_ref.
+
+    A: (B, T, N, m, m)  u: (B, T, N, m)  h0: (B, N, m) or None -> h (B, T, N, m), h_last (B, N, m).
+    chunk: steps per chunk (default ~sqrt(T)).
+    """
+    check_block(A, u, h0)
+    T = u.shape[1]
+    return _BlockScanFn.apply(A, u, h0, reverse, min(chunk or default_chunk(T), T))
+
+
+# ----------------------------------------------------------------------------------------------
+# Diagonal scan (m = 1): the same three phases, elementwise.
+
+def _diag_core(a: Tensor, u: Tensor, h0: Optional[Tensor], reverse: bool, C: int, shift: int = 0) -> Tensor:
+    """Chunked h_t = a_t h_{t-1} + u_t without autograd; step t uses a[:, t + shift] (1 outside)."""
+    B, T, N = u.shape
+    dt = acc_dtype(a, u, h0)
+    nc = -(-T // C)
+    ac = _chunk(a, C, nc, 1.0, dt, shift)
+    X = torch.zeros((C, B, nc, 2, N), dtype=dt, device=u.device)  # [Pcum, local]
+    _chunk(u, C, nc, 0.0, dt, out=X[:, :, :, 1])
+    steps, chunks = _orders(C, nc, reverse)
+    X[steps[0], :, :, 0] = ac[steps[0]]
+    prev = steps[0]
+    for t in steps[1:]:
+        X[t].addcmul_(ac[t].unsqueeze(-2), X[prev])
+        prev = t
+    del ac
+    if nc == 1 and h0 is None:
+        return _unchunk(X[:, :, :, 1], T)
+    end = X[prev]
+    hin = torch.zeros((B, nc, N), dtype=dt, device=u.device)
+    if h0 is not None:
+        hin[:, chunks[0]] = h0
+    for c0, c in zip(chunks[:-1], chunks[1:]):
+        torch.addcmul(end[:, c0, 1], end[:, c0, 0], hin[:, c0], out=hin[:, c])
+    return _unchunk(torch.addcmul(X[:, :, :, 1], X[:, :, :, 0], hin), T)
+
+
+class _DiagScanFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, u, h0, reverse, C):
+        h = _diag_core(a, u, h0, reverse, C)
+        ctx.save_for_backward(a, h0, h)
+        ctx.reverse, ctx.C, ctx.u_dtype = reverse, C, u.dtype
+        return h, h[:, 0 if reverse else -1].clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gh, glast):
+        a, h0, h = ctx.saved_tensors
+        rev, C = ctx.reverse, ctx.C
+        g = _diag_core(a, gh, glast, not rev, C, shift=-1 if rev else 1)
+        first = -1 if rev else 0
+        da = dh0 = None
+        if ctx.needs_input_grad[0]:
+            da = torch.empty(a.shape, dtype=g.dtype, device=g.device)
+            inner, outer = (slice(0, -1), slice(1, None)) if rev else (slice(1, None), slice(0, -1))
+            torch.mul(g[:, inner], h[:, outer], out=da[:, inner])
+            da[:, first] = 0 if h0 is None else g[:, first] * h0
+            da = da.to(a.dtype)
+        if h0 is not None and ctx.needs_input_grad[2]:
+            dh0 = (a[:, first] * g[:, first]).to(h0.dtype)
+        du = g.to(ctx.u_dtype) if ctx.needs_input_grad[1] else None
+        return da, du, dh0, None, None
+
+
+def diag_scan_chunked(a: Tensor, u: Tensor, h0: Optional[Tensor] = None, reverse: bool = False,
+                      chunk: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+    """h_t = a_t * h_{t-1} + u_t elementwise, chunked. a, u: (B, T, N), h0: (B, N) -> h (B, T, N), h_last (B, N)."""
+    check_diag(a, u, h0)
+    T = u.shape[1]
+    return _DiagScanFn.apply(a, u, h0, reverse, min(chunk or default_chunk(T), T))
+
+
+# ----------------------------------------------------------------------------------------------
+# Companion scan (H-LRU): an order-m scalar recurrence per channel, run on its outputs' history,
+#   y_t = x_t + sum_k c_t[k-1] y_{t-k},   c_t[k-1] = a_t[k-1] if no cut in (t-k, t] else 0,
+# so no m x m matrix is formed per step. The state s_t = (y_t, ..., y_{t-m+1}) with entries from
+# before a cut zeroed; h0 = (y_{-1}, ..., y_{-m}).
+
+def _quiet(reset: Tensor, m: int) -> Tensor:
+    """(B, T) cuts -> (B, T, m+1) bool, q[t, j] = no cut in steps (t-j, t]."""
+    cnt = torch.cumsum(reset.to(torch.int32), 1)
+    cnt = torch.cat([cnt.new_zeros(cnt.shape[0], m), cnt], 1).unfold(1, m + 1, 1)  # times t-m..t
+    return (cnt[..., m:] - cnt.flip(-1)) == 0
+
+
+def _hist_core(cf: Tensor, x: Tensor, hist: Optional[Tensor], C: int, qend: Optional[Tensor]) -> Tensor:
+    """y_t = x_t + sum_j cf_t[j] y_{t-m+j} (cf: coefficients oldest first), y_{-k} = hist[..., k-1].
+
+    cf (B, T, N, m) already masked, x (B, T, N), hist (B, N, m) or None, qend (B, T, m) state masks
+    or None -> y (B, T, N) in the accumulation dtype. No autograd.
+    Within chunks the m impulse responses to the incoming state ride along with the local output
+    (m + 1 columns), which is what the carries and the correction need.
+    """
+    B, T, N, m = cf.shape
+    dt = acc_dtype(cf, x, hist)
+    nc = -(-T // C)
+    M = B * nc * N
+    cc = _chunk(cf, C, nc, 0.0, dt).view(C, M, 1, m)
+    Z = torch.zeros((m + C, B, nc, N, m + 1), dtype=dt, device=x.device)  # rows: times -m..C-1
+    _chunk(x, C, nc, 0.0, dt, out=Z[m:, ..., m])
+    Z[:m, ..., :m] = torch.eye(m, dtype=dt, device=x.device).flip(0).view(m, 1, 1, 1, m)  # y_{-k} = e_{k-1} (impulses)
+    Zf = Z.view(m + C, M, m + 1)
+    for t in range(C):
+        Zf[m + t].unsqueeze(1).baddbmm_(cc[t], Zf[t:t + m].transpose(0, 1))
+    del cc
+    if nc == 1 and hist is None:
+        return _unchunk(Z[m:, ..., m], T)
+    # Chunk-end states [P | s] (state index j = time C-1-j), entries from before a cut zeroed.
+    end = Z[C:].flip(0).movedim(0, 3)  # (B, nc, N, m, m+1)
+    if qend is not None:
+        qe = _chunk(qend, C, nc, True, torch.bool)[C - 1]  # (B, nc, m)
+        end = end * qe[:, :, None, :, None]
+    hin = torch.zeros((nc, B * N, m, 1), dtype=dt, device=x.device)
+    if hist is not None:
+        hin[0, :, :, 0] = hist.reshape(B * N, m)
+    for c in range(1, nc):
+        torch.baddbmm(end[:, c - 1, :, :, m:].reshape(B * N, m, 1), end[:, c - 1, :, :, :m].reshape(B * N, m, m),
+                      hin[c - 1], out=hin[c])
+    y = torch.matmul(Z[m:, ..., None, :m], hin.view(nc, B, N, m, 1).movedim(0, 1)).view(C, B, nc, N).add_(Z[m:, ..., m])
+    return _unchunk(y, T)
+
+
+def _history(y: Tensor, h0: Optional[Tensor], m: int) -> Tensor:
+    """(B, T, N) outputs and h0 (B, N, m) -> (B, m + T, N), times -m..T-1."""
+    B, T, N = y.shape
+    pre = y.new_zeros(B, m, N) if h0 is None else h0.to(y.dtype).flip(-1).movedim(-1, 1)
+    return torch.cat([pre, y], 1)
+
+
+class _CompanionFn(torch.autograd.Function):
+    """Forward-direction companion scan; the reverse direction flips time around it."""
+
+    @staticmethod
+    def forward(ctx, a, x, h0, reset, C):
+        B, T, N, m = a.shape
+        dt = acc_dtype(a, x, h0)
+        q = None if reset is None else _quiet(reset, m)
+        c = a.to(dt) if q is None else a.to(dt) * q[:, :, None, 1:]
+        y = _hist_core(c.flip(-1), x, h0, C, None if q is None else q[..., :m])
+        s_last = _history(y, h0, m)[:, T:].flip(1).movedim(1, -1)  # (y_{T-1}, ..., y_{T-m})
+        if q is not None:
+            s_last = s_last * q[:, -1, None, :m]
+        ctx.save_for_backward(a, h0, reset, y)
+        ctx.C, ctx.x_dtype = C, x.dtype
+        return y, s_last
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy, gs):
+        a, h0, reset, y = ctx.saved_tensors
+        B, T, N, m = a.shape
+        dt = y.dtype
+        # Adjoint: w_t = dL/dy_t + sum_k c_{t+k}[k-1] w_{t+k}, a reverse order-m recurrence. The
+        # gradient of the last state enters as a virtual step T with coefficients dL/ds_last, w_T = 1.
+        q = None if reset is None else _quiet(torch.cat([reset, reset.new_zeros(B, 1)], 1), m)
+        c = torch.cat([a.to(dt), gs.to(dt)[:, None]], 1)  # (B, T+1, N, m)
+        if q is not None:
+            c = c * q[:, :, None, 1:]
+        cpad = torch.cat([c, c.new_zeros(B, m, N, m)], 1)
+        b = torch.stack([cpad[:, k:k + T, :, k - 1] for k in range(1, m + 1)], -1)  # b_t[k-1] = c_{t+k}[k-1]
+        seed = torch.zeros(B, N, m, dtype=dt, device=y.device)
+        seed[..., 0] = 1
+        w = _hist_core(b.flip(1).flip(-1), gy.flip(1), seed, ctx.C, None).flip(1)  # (B, T, N)
+        da = dh0 = None
+        if ctx.needs_input_grad[0]:
+            hist = _history(y, h0, m)  # time t-1-k sits at index t + m - 1 - k
+            da = torch.stack([hist[:, m - 1 - k:m - 1 - k + T] for k in range(m)], -1) * w[..., None]
+            if q is not None:
+                da = da * q[:, :T, None, 1:]
+            da = da.to(a.dtype)
+        if h0 is not None and ctx.needs_input_grad[2]:
+            wext = torch.cat([w, w.new_ones(B, 1, N)], 1)
+            dh0 = torch.zeros(B, N, m, dtype=dt, device=y.device)
+            for i in range(min(m, T + 1)):  # y_{-1-j} feeds y_i through c_i[i+j]
+                dh0[..., :m - i] += c[:, i, :, i:] * wext[:, i, :, None]
+            dh0 = dh0.to(h0.dtype)
+        dx = w.to(ctx.x_dtype) if ctx.needs_input_grad[1] else None
+        return da, dx, dh0, None, None
+
+
+def companion_scan_chunked(a: Tensor, x: Tensor, h0: Optional[Tensor] = None, reverse: bool = False,
+                           reset: Optional[Tensor] = None, chunk: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+    """y_t = sum_k a_t[k-1] y_{t-k} + x_t (reverse: y_{t+k}), chunked; same contract as companion_scan_ref.
+
+    a: (B, T, N, m)  x: (B, T, N)  h0: (B, N, m) or None  reset: (B, T) bool cuts or None
+    -> y (B, T, N), s_last (B, N, m).
+    """
+    check_companion(a, x, h0, reset)
+    T = x.shape[1]
+    C = min(chunk or default_chunk(T), T)
+    if not reverse:
+        return _CompanionFn.apply(a, x, h0, reset, C)
+    # Reverse time is forward time on flipped sequences (autograd flips the gradients back).
+    y, s = _CompanionFn.apply(a.flip(1), x.flip(1), h0, None if reset is None else reset.flip(1), C)
+    return y.flip(1), s
+
+
+# ----------------------------------------------------------------------------------------------
+# Slice transitions for sequence parallelism
+
+def block_product_tree(A: Tensor, reverse: bool = False) -> Tensor:
+    """State map of a whole slice by a log-depth pairwise tree (differentiable through autograd).
+
+    Forward: A_T ... A_1; reverse: A_1 ... A_T. A: (B, T, N, m, m) -> (B, N, m, m), accumulation dtype.
+    """
+    check_tensor("A", A, [None, None, None, None, None], "(B, T, N, m, m)")
+    B, T, N, m, m2 = A.shape
+    if m != m2 or not 1 <= m <= MAX_BLOCK_SIZE or T < 1:
+        raise ValueError(f"A: expected shape (B, T>=1, N, m, m) with m in 1..{MAX_BLOCK_SIZE}, got {tuple(A.shape)}")
+    X = A.to(acc_dtype(A))
+    while X.shape[1] > 1:
+        n = X.shape[1]
+        pairs = X[:, :n - n % 2].unflatten(1, (n // 2, 2))
+        early, late = pairs[:, :, 0], pairs[:, :, 1]
+        Y = early @ late if reverse else late @ early
+        X = torch.cat([Y, X[:, n - 1:]], 1) if n % 2 else Y  # an odd last one is the latest: it stays last
+    return X[:, 0]
