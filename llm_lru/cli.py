@@ -36,7 +36,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     if name not in COMMANDS:
         print(f"llm-lru: unknown command '{name}'\n\n{usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
+    module_name = COMMANDS[name][0]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name != module_name:
+            raise
+        print(f"llm-lru {name}: not available in this build ({module_name} is missing)", file=sys.stderr)
+        return 2
     try:
         return int(module.main(rest) or 0)
     except ConfigError as e:
