@@ -1,0 +1,17 @@
+"""Triton kernels for the scans of llm_lru.kernels (DESIGN.md §3), forward and backward.
+
+    block_scan_triton(A, u, h0=None, reverse=False) -> (h, h_last)       A (B,T,N,m,m), u (B,T,N,m)
+    diag_scan_triton(a, u, h0=None, reverse=False) -> (h, h_last)        a, u (B,T,N)
+    companion_scan_triton(a, x, h0=None, reverse=False, reset=None) -> (y, s_last)
+    bdlru_scan_triton(logits, v, h0=None, reverse=False, reset=None, norm="softmax") -> (h, h_last)
+    hlru_scan_triton(logits, v, h0=None, reverse=False, reset=None, norm="softmax") -> (y, s_last)
+
+All take `chunk=` (steps per chunk of the two-level form; automatic on CUDA). Importing this
+package imports triton: on a machine without a GPU set TRITON_INTERPRET=1 before importing it.
+The PyTorch reference of the fused gates is llm_lru.kernels.gates (no triton import).
+"""
+from .block import bdlru_scan_triton, block_scan_triton, diag_scan_triton
+from .companion import companion_scan_triton, hlru_scan_triton
+
+__all__ = ["block_scan_triton", "diag_scan_triton", "companion_scan_triton", "bdlru_scan_triton",
+           "hlru_scan_triton"]
