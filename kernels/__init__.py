@@ -8,11 +8,10 @@ The ops in `ops` (BLOCK, DIAG, COMPANION) are what the model's mixers call.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Tuple
 
 import torch
-
-import warnings
 
 from . import chunked, ops
 from .chunked import block_product_tree, block_scan_chunked, companion_scan_chunked, diag_scan_chunked

@@ -114,18 +114,21 @@ def _block_core(A: Tensor, u: Tensor, h0: Optional[Tensor], reverse: bool, C: in
     dt = acc_dtype(A, u, h0)
     nc = -(-T // C)
     M = B * nc * N
-    At = A.transpose(-1, -2) if transpose else A
-    Ac = _chunk(At, C, nc, torch.eye(m, dtype=dt, device=u.device), dt, shift)
-    X = torch.zeros((C, B, nc, N, m, m + 1), dtype=dt, device=u.device)
-    _chunk(u, C, nc, 0.0, dt, out=X[..., m])
+    Ac = _chunk(A, C, nc, torch.eye(m, dtype=dt, device=u.device), dt, shift)
+    if transpose:  # a transposed view: BLAS reads it as such, no copy
+        Ac = Ac.transpose(-1, -2)
+    uc = _chunk(u, C, nc, 0.0, dt)
+    X = torch.empty((C, B, nc, N, m, m + 1), dtype=dt, device=u.device)
     steps, chunks = _orders(C, nc, reverse)
     X[steps[0], ..., :m] = Ac[steps[0]]
-    Xf, Af = X.view(C, M, m, m + 1), Ac.view(C, M, m, m)
+    X[steps[0], ..., m] = uc[steps[0]]
+    Xf, Af, uf = X.view(C, M, m, m + 1), Ac.reshape(C, M, m, m), uc.view(C, M, m)
     prev = steps[0]
-    for t in steps[1:]:  # every chunk from a zero state: X_t = [0 | u_t] + A_t X_{t-1}
-        Xf[t].baddbmm_(Af[t], Xf[prev])
+    for t in steps[1:]:  # every chunk from a zero state: X_t = A_t X_{t-1} + [0 | u_t]
+        torch.bmm(Af[t], Xf[prev], out=Xf[t])
+        Xf[t, :, :, m].add_(uf[t])
         prev = t
-    del Ac, Af
+    del Ac, Af, uc, uf
     if nc == 1 and h0 is None:
         return _unchunk(X[..., m], T)
     end = X[prev]  # (B, nc, N, m, m+1): [P | s] of every chunk
