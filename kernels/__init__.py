@@ -14,7 +14,8 @@ from typing import Optional, Tuple
 import torch
 
 from . import chunked, ops
-from .chunked import block_product_tree, block_scan_chunked, companion_scan_chunked, diag_scan_chunked
+from .chunked import (block_product_tree, block_scan_chunked, companion_product_chunked, companion_scan_chunked,
+                      diag_scan_chunked)
 from .ops import BLOCK, COMPANION, DIAG, ScanOp, get_backend, set_backend, transition_mask
 from .reference import (block_product_ref, block_scan_ref, companion_matrix, companion_scan_ref,
                         diag_scan_ref)
@@ -95,9 +96,24 @@ def block_product(A: Tensor, reverse: bool = False) -> Tensor:
     return block_product_tree(A, reverse)
 
 
+def companion_product(a: Tensor, reverse: bool = False, reset: Optional[Tensor] = None) -> Tensor:
+    """State map of a companion (H-LRU) slice: the product of the companion matrices of a, with the
+    steps where reset[b, t] (per-step cuts) zeroed. a: (B, T, N, m) -> (B, N, m, m).
+
+    "ref" multiplies the materialised matrices; the other backends never form (B, T, N, m, m).
+    """
+    if get_backend() == "ref":
+        C = companion_matrix(a)
+        if reset is not None:
+            C = C * (~reset).to(C.dtype)[:, :, None, None, None]
+        return block_product_ref(C, reverse)
+    return companion_product_chunked(a, reverse, reset)
+
+
 __all__ = [
-    "block_scan", "diag_scan", "companion_scan", "block_product", "backend_for", "chunked",
+    "block_scan", "diag_scan", "companion_scan", "block_product", "companion_product", "backend_for", "chunked",
     "block_scan_chunked", "diag_scan_chunked", "companion_scan_chunked", "block_product_tree",
+    "companion_product_chunked",
     "block_scan_ref", "diag_scan_ref", "companion_scan_ref", "block_product_ref", "companion_matrix",
     "ops", "ScanOp", "BLOCK", "DIAG", "COMPANION", "set_backend", "get_backend", "transition_mask",
 ]

@@ -396,3 +396,20 @@ def block_product_tree(A: Tensor, reverse: bool = False) -> Tensor:
         Y = early @ late if reverse else late @ early
         X = torch.cat([Y, X[:, n - 1:]], 1) if n % 2 else Y  # an odd last one is the latest: it stays last
     return X[:, 0]
+
+
+def companion_product_chunked(a: Tensor, reverse: bool = False, reset: Optional[Tensor] = None) -> Tensor:
+    """State map of a companion slice, P with s_last(h0) = P h0 + s_last(0), without forming the
+    (B, T, N, m, m) companion matrices: column j is the last state of the companion scan from
+    h0 = e_j with no input (m scans, each differentiable with the lean backward above).
+
+    a: (B, T, N, m)  reset: (B, T) bool cuts or None -> P (B, N, m, m), accumulation dtype.
+    """
+    check_tensor("a", a, [None, None, None, None], "(B, T, N, m)")
+    check_companion(a, a[..., 0], None, reset)
+    B, T, N, m = a.shape
+    dt = acc_dtype(a)
+    zero = torch.zeros((), dtype=dt, device=a.device).expand(B, T, N)
+    eye = torch.eye(m, dtype=dt, device=a.device)
+    cols = [companion_scan_chunked(a, zero, eye[j].expand(B, N, m), reverse, reset)[1] for j in range(m)]
+    return torch.stack(cols, -1)

@@ -15,8 +15,6 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import reference
-
 Tensor = torch.Tensor
 _BACKENDS = ("auto", "torch", "triton", "ref")
 _backend = os.environ.get("LLM_LRU_SCAN", "auto")
@@ -123,8 +121,8 @@ class CompanionScan(ScanOp):
         return companion_scan(a, x, h0, reverse, transition_mask(reset, reverse))
 
     def product(self, a, reverse=False, reset=None):
-        from . import block_product
-        return block_product(_mask(reference.companion_matrix(a), reset, reverse), reverse)
+        from . import companion_product
+        return companion_product(a, reverse, transition_mask(reset, reverse))
 
 
 BLOCK = BlockScan()

@@ -206,3 +206,24 @@ def test_bfloat16_inputs_accumulate_in_float32():
     assert a.grad.dtype == torch.bfloat16 and x.grad.dtype == torch.bfloat16
     d, _ = chunked.diag_scan_chunked(A[..., 0, 0].detach(), u[..., 0].detach())
     assert d.dtype == torch.float32
+
+
+@pytest.mark.parametrize("m,T", [(1, 5), (3, 2), (3, 13), (5, 9)])
+def test_companion_product_matches_materialised_product(m, T):
+    """The companion slice map without (B, T, N, m, m): equal, with gradients, to the product of the
+    materialised companion matrices (cut steps zeroed), also for T < m."""
+    gen = torch.Generator().manual_seed(m + 7 * T)
+    B, N = 2, 3
+    a = stable(B, T, N, m, gen=gen)
+    for reverse, reset in itertools.product((False, True), (None, _cuts(B, T, gen))):
+        af, ar = a.clone().requires_grad_(), a.clone().requires_grad_()
+        P = chunked.companion_product_chunked(af, reverse, reset)
+        Cm = reference.companion_matrix(ar)
+        if reset is not None:
+            Cm = Cm * (~reset).to(F64)[:, :, None, None, None]
+        R = reference.block_product_ref(Cm, reverse)
+        torch.testing.assert_close(P, R, rtol=1e-10, atol=1e-10)
+        w = torch.randn(P.shape, dtype=F64, generator=gen)
+        (P * w).sum().backward()
+        (R * w).sum().backward()
+        torch.testing.assert_close(af.grad, ar.grad, rtol=1e-10, atol=1e-10)
