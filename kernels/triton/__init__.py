@@ -6,12 +6,15 @@
     bdlru_scan_triton(logits, v, h0=None, reverse=False, reset=None, norm="softmax") -> (h, h_last)
     hlru_scan_triton(logits, v, h0=None, reverse=False, reset=None, norm="softmax") -> (y, s_last)
 
-All take `chunk=` (steps per chunk of the two-level form; automatic on CUDA). Importing this
+    block_carry_triton(G, U, reverse, reset, norm) / companion_carry_triton(...) -> (P, s)
+      the carry of a whole slice, h_last(h0) = P h0 + s: what sequence parallelism exchanges.
+
+All scans take `chunk=` (steps per chunk of the two-level form; automatic on CUDA). Importing this
 package imports triton: on a machine without a GPU set TRITON_INTERPRET=1 before importing it.
 The PyTorch reference of the fused gates is llm_lru.kernels.gates (no triton import).
 """
-from .block import bdlru_scan_triton, block_scan_triton, diag_scan_triton
-from .companion import companion_scan_triton, hlru_scan_triton
+from .block import bdlru_scan_triton, block_carry_triton, block_scan_triton, diag_scan_triton
+from .companion import companion_carry_triton, companion_scan_triton, hlru_scan_triton
 
 __all__ = ["block_scan_triton", "diag_scan_triton", "companion_scan_triton", "bdlru_scan_triton",
-           "hlru_scan_triton"]
+           "hlru_scan_triton", "block_carry_triton", "companion_carry_triton"]

@@ -9,10 +9,13 @@ import torch
 if not torch.cuda.is_available():  # the interpreter must be on before any kernel is defined
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from llm_lru.kernels import block_scan_ref, companion_scan_ref, diag_scan_ref  # noqa: E402
-from llm_lru.kernels.gates import NORMS, bdlru_scan_reference, hlru_scan_reference  # noqa: E402
-from llm_lru.kernels.triton import (bdlru_scan_triton, block_scan_triton, companion_scan_triton,  # noqa: E402
-                                    diag_scan_triton, hlru_scan_triton)
+from llm_lru.kernels import (block_product_ref, block_scan_ref, companion_matrix, companion_scan_ref,  # noqa: E402
+                             diag_scan_ref)
+from llm_lru.kernels.gates import (NORMS, bdlru_gates, bdlru_scan_reference, hlru_scan_reference,  # noqa: E402
+                                   normalize_rows)
+from llm_lru.kernels.triton import (bdlru_scan_triton, block_carry_triton, block_scan_triton,  # noqa: E402
+                                    companion_carry_triton, companion_scan_triton, diag_scan_triton,
+                                    hlru_scan_triton)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -48,6 +51,16 @@ CASES = [  # (m, T, reverse, with h0, with reset, chunk)
     (3, 13, False, True, True, 5), (3, 5, True, True, False, 2),
     (4, 9, False, True, True, 4), (4, 11, True, True, True, None),
 ]
+SOME = [CASES[1], CASES[4], CASES[7]]  # the lighter sweeps: both directions, chunked, resets, h0
+DTYPES = [(c, torch.float32) for c in CASES] + [(c, torch.bfloat16) for c in SOME]
+NORM_CASES = [(c, "softmax") for c in CASES] + [(c, n) for n in NORMS[1:] for c in SOME]
+
+
+def _id(x):
+    if isinstance(x, tuple):  # m, T, reverse, h0, reset, chunk
+        m, T, rev, h0, rst, ch = x
+        return f"m{m}-T{T}" + "-rev" * rev + "-h0" * h0 + "-reset" * rst + (f"-chunk{ch}" if ch else "")
+    return str(x).replace("torch.", "")
 
 
 def _case_inputs(m, T, with_h0, with_reset, B=2, N=3, seed=0):
@@ -57,11 +70,13 @@ def _case_inputs(m, T, with_h0, with_reset, B=2, N=3, seed=0):
     return g, h0, reset
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("m,T,reverse,with_h0,with_reset,chunk", CASES)
-def test_block_scan(m, T, reverse, with_h0, with_reset, chunk, dtype):
-    g, h0, _ = _case_inputs(m, T, with_h0, False)
+@pytest.mark.parametrize("case,dtype", DTYPES, ids=_id)
+def test_block_scan(case, dtype):
+    m, T, reverse, with_h0, with_reset, chunk = case
+    g, h0, reset = _case_inputs(m, T, with_h0, with_reset)
     A = torch.randn(2, T, 3, m, m, generator=g) / m
+    if reset is not None:  # block_scan has no reset argument: a document start is A_t = 0
+        A = A * (~reset).float()[:, :, None, None, None]
     u = torch.randn(2, T, 3, m, generator=g)
     _grads_match(lambda A, u, h0: block_scan_triton(A, u, h0, reverse, chunk=chunk),
                  lambda A, u, h0: block_scan_ref(A, u, h0, reverse), [A, u, h0], dtype, TOL[dtype])
@@ -75,9 +90,9 @@ def test_diag_scan(T, reverse, chunk):
                  lambda a, u, h0: diag_scan_ref(a, u, h0, reverse), [a, u, h0], torch.float32, TOL[torch.float32])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("m,T,reverse,with_h0,with_reset,chunk", CASES)
-def test_companion_scan(m, T, reverse, with_h0, with_reset, chunk, dtype):
+@pytest.mark.parametrize("case,dtype", DTYPES, ids=_id)
+def test_companion_scan(case, dtype):
+    m, T, reverse, with_h0, with_reset, chunk = case
     g, h0, reset = _case_inputs(m, T, with_h0, with_reset)
     a = torch.randn(2, T, 3, m, generator=g) / m
     x = torch.randn(2, T, 3, generator=g)
@@ -85,9 +100,9 @@ def test_companion_scan(m, T, reverse, with_h0, with_reset, chunk, dtype):
                  lambda a, x, h0, r: companion_scan_ref(a, x, h0, reverse, r), [a, x, h0, reset], dtype, TOL[dtype])
 
 
-@pytest.mark.parametrize("norm", NORMS)
-@pytest.mark.parametrize("m,T,reverse,with_h0,with_reset,chunk", CASES)
-def test_bdlru_fused(m, T, reverse, with_h0, with_reset, chunk, norm):
+@pytest.mark.parametrize("case,norm", NORM_CASES, ids=_id)
+def test_bdlru_fused(case, norm):
+    m, T, reverse, with_h0, with_reset, chunk = case
     g, h0, reset = _case_inputs(m, T, with_h0, with_reset)
     logits = 2 * torch.randn(2, T, 3, m, m + 1, generator=g)
     v = torch.randn(2, T, 3, m, generator=g)
@@ -97,9 +112,9 @@ def test_bdlru_fused(m, T, reverse, with_h0, with_reset, chunk, norm):
                  [logits, v, h0, reset], dtype, TOL[dtype])
 
 
-@pytest.mark.parametrize("norm", NORMS)
-@pytest.mark.parametrize("m,T,reverse,with_h0,with_reset,chunk", CASES)
-def test_hlru_fused(m, T, reverse, with_h0, with_reset, chunk, norm):
+@pytest.mark.parametrize("case,norm", NORM_CASES, ids=_id)
+def test_hlru_fused(case, norm):
+    m, T, reverse, with_h0, with_reset, chunk = case
     g, h0, reset = _case_inputs(m, T, with_h0, with_reset)
     logits = 2 * torch.randn(2, T, 3, m + 1, generator=g)
     v = torch.randn(2, T, 3, generator=g)
@@ -107,3 +122,53 @@ def test_hlru_fused(m, T, reverse, with_h0, with_reset, chunk, norm):
     _grads_match(lambda G, v, h0, r: hlru_scan_triton(G, v, h0, reverse, r, norm, chunk=chunk),
                  lambda G, v, h0, r: hlru_scan_reference(G, v, h0, reverse, r, norm),
                  [logits, v, h0, reset], dtype, TOL[dtype])
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_largest_blocks(reverse):
+    """m = 16 (the largest supported) for the block scan, m = 15 (32-wide logit rows) fused."""
+    g = torch.Generator().manual_seed(3)
+    A, u = torch.randn(1, 5, 2, 16, 16, generator=g) / 16, torch.randn(1, 5, 2, 16, generator=g)
+    _grads_match(lambda A, u: block_scan_triton(A, u, None, reverse, chunk=2),
+                 lambda A, u: block_scan_ref(A, u, None, reverse), [A, u], torch.float32, TOL[torch.float32])
+    G, v = torch.randn(1, 5, 2, 15, 16, generator=g), torch.randn(1, 5, 2, 15, generator=g)
+    _grads_match(lambda G, v: bdlru_scan_triton(G, v, None, reverse),
+                 lambda G, v: bdlru_scan_reference(G, v, None, reverse), [G, v], torch.float32, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_slice_carries(reverse):
+    """(P, s) of a slice: P is the product of the (cut) transitions, s the state from zero, and
+    h_last(h0) = P h0 + s -- the quantity sequence parallelism exchanges."""
+    g = torch.Generator().manual_seed(4)
+    B, T, N, m = 2, 9, 3, 3
+    reset = torch.rand(B, T, generator=g) < 0.2
+    G, v = torch.randn(B, T, N, m, m + 1, generator=g), torch.randn(B, T, N, m, generator=g)
+    h0 = torch.randn(B, N, m, generator=g)
+    P, s = block_carry_triton(G, v, reverse, reset, "softmax")
+    A, u = bdlru_gates(G.double(), v.double(), "softmax", reset)
+    torch.testing.assert_close(P.double(), block_product_ref(A, reverse), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(s.double(), block_scan_ref(A, u, None, reverse)[1], rtol=1e-5, atol=1e-5)
+    h_last = bdlru_scan_triton(G, v, h0, reverse, reset)[1]
+    torch.testing.assert_close(h_last, torch.einsum("bnij,bnj->bni", P, h0) + s, rtol=1e-5, atol=1e-5)
+    L = torch.randn(B, T, N, m + 1, generator=g)
+    P, s = companion_carry_triton(L, v[..., 0], reverse, reset, "tanh")
+    Pn = normalize_rows(L.double(), "tanh")
+    C = companion_matrix(Pn[..., :m]) * (~reset).double()[:, :, None, None, None]
+    torch.testing.assert_close(P.double(), block_product_ref(C, reverse), rtol=1e-5, atol=1e-6)
+    ref = hlru_scan_reference(L.double(), v[..., 0].double(), None, reverse, reset, "tanh")[1]
+    torch.testing.assert_close(s.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_errors_name_the_input():
+    G, v = torch.randn(1, 4, 2, 3, 4), torch.randn(1, 4, 2, 3)
+    with pytest.raises(ValueError, match="norm"):
+        bdlru_scan_triton(G, v, norm="softplus")
+    with pytest.raises(ValueError, match="logits"):
+        bdlru_scan_triton(G[..., :3], v)
+    with pytest.raises(ValueError, match="h0"):
+        hlru_scan_triton(torch.randn(1, 4, 2, 3), v[..., 0], h0=torch.zeros(1, 2, 3))
+    with pytest.raises(TypeError, match="reset"):
+        companion_scan_triton(torch.randn(1, 4, 2, 2), v[..., 0], reset=torch.zeros(1, 4))
+    with pytest.raises(ValueError, match="chunk"):
+        block_scan_triton(torch.randn(1, 4, 2, 2, 2), torch.randn(1, 4, 2, 2), chunk=0)
