@@ -1,0 +1,112 @@
+"""Attention over a sequence split across SP ranks, wrapping any `attend` function.
+
+    attend(q, k, v, doc_start=None, window=0, causal=True) -> (B, H, Tq, hd)
+    q: (B, H, T, hd), k, v: (B, Hkv, T, hd) this rank's slice, RoPE applied at global positions;
+    doc_start: (B, T) bool or None (the same on every rank: all None or all tensors).
+
+Rank r holds global positions [r*T, (r+1)*T). The inner attend treats its queries as the LAST Tq
+of the keys it is given, so each rank hands it exactly the keys its queries may see, ending at
+its own last token:
+- window = 0 (full causal), or window - 1 > T: all-gather K, V and doc_start over the group
+  (differentiable: backward sums the key gradients over ranks and keeps this rank's part), and
+  pass keys [max(0, r*T - (window - 1)), (r+1)*T).
+- 0 < window - 1 <= T: a halo of the previous rank's last window - 1 keys (one send / recv per
+  neighbour, the key gradients sent back in backward); rank 0 needs none.
+Document masks stay exact because they only compare positions inside the keys passed.
+Only causal attention is supported under SP (a bidirectional encoder's queries are not the
+last keys, which the attend contract assumes).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+
+from .comm import gather_autograd, all_gather, group_rank, group_size, recv, send
+
+Tensor = torch.Tensor
+
+
+class _Halo(torch.autograd.Function):
+    """kv: (2, B, Hkv, T, hd) -> the previous rank's last n time steps (2, B, Hkv, n, hd), and its doc_start.
+
+    Forward: rank r sends its tail to r + 1 and receives r - 1's (rank 0 receives nothing: n = 0).
+    Backward: the halo's gradient goes back to its owner and is added to that rank's tail.
+    """
+
+    @staticmethod
+    def forward(ctx, kv: Tensor, doc: Optional[Tensor], n: int, group: Any):
+        K, r = group_size(group), group_rank(group)
+        T = kv.shape[3]
+        ctx.group, ctx.r, ctx.K, ctx.n, ctx.T = group, r, K, n, T
+        ctx.halo_shape = (*kv.shape[:3], n, kv.shape[4])
+        ctx.dtype, ctx.device = kv.dtype, kv.device
+        has_doc = doc is not None
+        if r < K - 1:  # chain order (send down, then receive from above): no cycle, no deadlock
+            tail = [kv[:, :, :, T - n:].reshape(-1)]
+            if has_doc:
+                tail.append(doc[:, T - n:].to(kv.dtype).reshape(-1))
+            send(torch.cat(tail), r + 1, group)
+        if r == 0:
+            halo = kv[:, :, :, :0].clone()
+            return halo, (doc[:, :0].clone() if has_doc else None)
+        shape = (*kv.shape[:3], n, kv.shape[4])
+        numel = torch.Size(shape).numel()
+        buf = recv(kv.new_empty(numel + (doc.shape[0] * n if has_doc else 0)), r - 1, group)
+        halo = buf[:numel].view(shape)
+        hdoc = buf[numel:].view(doc.shape[0], n).bool() if has_doc else None
+        if hdoc is not None:
+            ctx.mark_non_differentiable(hdoc)
+        return halo, hdoc
+
+    @staticmethod
+    def backward(ctx, g_halo, _g_doc):
+        K, r, n, T = ctx.K, ctx.r, ctx.n, ctx.T
+        if r > 0:
+            send(g_halo if g_halo is not None else torch.zeros(ctx.halo_shape, dtype=ctx.dtype, device=ctx.device),
+                 r - 1, ctx.group)
+        g = None
+        if r < K - 1:
+            got = recv(torch.empty(ctx.halo_shape, dtype=ctx.dtype, device=ctx.device), r + 1, ctx.group)
+            g = got.new_zeros(*got.shape[:3], T, got.shape[4])
+            g[:, :, :, T - n:] = got
+        return g, None, None, None
+
+
+class SPAttention:
+    """`attend` over an SP group; see the module doc. sp = 1 (group None) calls `inner` as is."""
+
+    def __init__(self, inner: Callable, group: Any):
+        self.inner, self.group = inner, group
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, doc_start: Optional[Tensor] = None,
+                 window: int = 0, causal: bool = True) -> Tensor:
+        if self.group is None or group_size(self.group) == 1:
+            return self.inner(q, k, v, doc_start=doc_start, window=window, causal=causal)
+        if not causal:
+            raise ValueError("attend: causal=False is not supported under sequence parallelism (parallel.sp > 1)")
+        T = q.shape[2]
+        if k.shape[2] != T or v.shape[2] != T:
+            raise ValueError(f"attend under SP: k and v must cover the slice's {T} positions, got "
+                             f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+        r = group_rank(self.group)
+        if window == 1:  # each query sees only itself: nothing to exchange
+            return self.inner(q, k, v, doc_start=doc_start, window=window, causal=True)
+        if 0 < window - 1 <= T:
+            halo, hdoc = _Halo.apply(torch.stack([k, v]), doc_start, window - 1, self.group)
+            k_all = torch.cat([halo[0], k], 2)
+            v_all = torch.cat([halo[1], v], 2)
+            doc = torch.cat([hdoc, doc_start], 1) if doc_start is not None else None
+        else:
+            kv = gather_autograd(torch.stack([k, v]), self.group)           # (K, 2, B, Hkv, T, hd)
+            lo = 0 if window == 0 else max(0, r * T - (window - 1))
+            hi = (r + 1) * T
+            kv = torch.cat(kv.unbind(0), 3)[:, :, :, lo:hi]                   # (2, B, Hkv, hi - lo, hd)
+            k_all, v_all = kv[0], kv[1]
+            doc = None
+            if doc_start is not None:
+                doc = torch.cat(all_gather(doc_start, self.group).unbind(0), 1)[:, lo:hi]
+        return self.inner(q, k_all, v_all, doc_start=doc, window=window, causal=True)
+
+    def __repr__(self) -> str:
+        return f"SPAttention({getattr(self.inner, '__name__', self.inner)!r})"

@@ -1,0 +1,80 @@
+"""Collectives for sequence parallelism, with their autograd written out.
+
+Only operations that gloo and NCCL both have: all_gather_single (all_gather_into_tensor on older
+torch), all_reduce, broadcast, and blocking send / recv (FACTS.md: batch_isend_irecv followed by
+destroy_process_group aborted at exit on gloo, so it is not used). Group-local ranks everywhere.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+Tensor = torch.Tensor
+_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def group_size(group: Any) -> int:
+    return dist.get_world_size(group)
+
+
+def group_rank(group: Any) -> int:
+    return dist.get_rank(group)
+
+
+def all_gather(x: Tensor, group: Any) -> Tensor:
+    """(...) on each rank -> (K, ...) stacked in group-rank order. Not differentiable."""
+    k = group_size(group)
+    x = x.contiguous()
+    out = x.new_empty(k * x.numel())
+    _gather_single(out, x.reshape(-1), group=group)
+    return out.view(k, *x.shape)
+
+
+def all_reduce(x: Tensor, group: Any) -> Tensor:
+    """Sum over the group, on a copy (the input is left alone). Not differentiable."""
+    x = x.detach().clone().contiguous()
+    dist.all_reduce(x, group=group)
+    return x
+
+
+def send(x: Tensor, dst: int, group: Any) -> None:
+    """Blocking send to group rank dst."""
+    dist.send(x.contiguous(), group=group, group_dst=dst)
+
+
+def recv(like: Tensor, src: int, group: Any) -> Tensor:
+    """Blocking receive from group rank src of a tensor shaped and typed like `like`."""
+    out = torch.empty_like(like, memory_format=torch.contiguous_format)
+    dist.recv(out, group=group, group_src=src)
+    return out
+
+
+def broadcast(x: Tensor, src: int, group: Any) -> Tensor:
+    """x from group rank src on every rank (a copy elsewhere). Not differentiable."""
+    x = x.detach().clone().contiguous()
+    dist.broadcast(x, group=group, group_src=src)
+    return x
+
+
+class _GatherFn(torch.autograd.Function):
+    """all_gather forward; backward: sum the gradient over ranks (all_reduce), keep our own part.
+
+    (NCCL would allow reduce_scatter here; all_reduce is what both backends have, at K x the bytes.)
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group: Any) -> Tensor:
+        ctx.group = group
+        return all_gather(x, group)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        g = all_reduce(g, ctx.group)
+        return g[group_rank(ctx.group)], None
+
+
+def gather_autograd(x: Tensor, group: Any) -> Tensor:
+    """Differentiable all_gather: (...) -> (K, ...); every rank's copy feeds back to its owner."""
+    return _GatherFn.apply(x, group)

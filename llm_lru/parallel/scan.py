@@ -1,0 +1,270 @@
+"""Recurrent carries across SP ranks: a ScanOp that wraps any ScanOp (DESIGN.md §4).
+
+Each rank holds a contiguous slice of the sequence. "Scan order" is rank order for forward
+scans and reversed rank order for reverse scans (BLUR's backward-in-time half); the owner of
+the sequence start in scan order (rank 0 forward, rank K-1 reverse) is the only rank whose h0
+counts. With c_k the state entering slice k (scan order) and d_k the state leaving it:
+
+    d_k = P_k c_k + s_k           P_k = inner.product(slice), s_k = slice's h_last from zero
+    c_{k+1} = keep_k * d_k        keep_k = 0 for a batch row whose document starts at the
+                                  slice's position 0 in a reverse scan (the carry toward the
+                                  previous document is dropped; forward resets are inside P_k)
+    returned h_last = d_{K-1}     the whole sequence's final state, the same on every rank
+
+carry="allgather" (LASP-2 style): every rank scans its slice from zero (s_k), computes P_k in
+fp32, ONE all-gather of (P_k, s_k, keep_k) lets every rank fold its c_k, and the slice is
+rescanned from c_k. Backward mirrors it: each rank computes a_k = dL/dc_k from its own outputs
+alone, ONE all-gather of (a_k, dL/dh_last) lets every rank fold the gradient that later ranks
+send to its final state, delta_k = keep_k * (a_{k+1} + P_{k+1}^T delta_{k+1}), and the slice's
+gradients are a_k's pass plus a pass with delta_k on h_last (exact, by linearity).
+
+carry="ring": rank k receives c_k from rank k-1 (blocking recv), scans once, sends c_{k+1};
+the final state is broadcast from the last rank. Backward: the gradient of c travels the other
+way, one send per rank. Fewer flops, but the slices are scanned one after another.
+
+Gradient convention (both carries): the total loss is the SUM of the ranks' local losses; every
+input's gradient on every rank is exact for that total (h0's gradient lands on its owner, zeros
+elsewhere). Every rank must run backward through every SP scan it ran (collectives inside).
+Not twice differentiable.
+"""
+from __future__ import annotations
+
+from typing import Any, List, Optional, Sequence, Tuple
+
+import torch
+
+from llm_lru.kernels.ops import ScanOp
+
+from .comm import all_gather, all_reduce, broadcast, group_rank, group_size, recv, send
+
+Tensor = torch.Tensor
+CARRIES = ("allgather", "ring")
+
+
+def _order(rank: int, k: int, reverse: bool) -> int:
+    """Group rank <-> position in scan order (an involution)."""
+    return k - 1 - rank if reverse else rank
+
+
+def _keep(reset: Optional[Tensor], reverse: bool, s: Tensor, dt: torch.dtype) -> Tensor:
+    """(B, 1, ...) factor for the carry leaving this slice: 0 where a reverse scan must drop it."""
+    B = s.shape[0]
+    if reverse and reset is not None:
+        keep = (~reset[:, 0]).to(dt)
+    else:
+        keep = torch.ones(B, dtype=dt, device=s.device)
+    return keep.view(B, *([1] * (s.dim() - 1)))
+
+
+def _carry_dtype(*xs: Tensor) -> torch.dtype:
+    dt = torch.float32  # carries are folded in fp32 at least, whatever the input dtype
+    for x in xs:
+        dt = torch.promote_types(dt, x.dtype)
+    return dt
+
+
+def apply_transposed(op: ScanOp, P: Tensor, g: Tensor) -> Tensor:
+    """P^T g for any op's state layout: the vector-Jacobian product of the linear map h -> apply(P, h)."""
+    x = torch.zeros_like(g, requires_grad=True)
+    with torch.enable_grad():
+        y = op.apply(P.detach(), x)
+    return torch.autograd.grad(y, x, g)[0]
+
+
+class _Slice:
+    """This rank's slice scanned from carry c, with its autograd graph kept for the backward."""
+
+    def __init__(self, trans: Tensor, u: Tensor, build: bool):
+        self.build = build
+        self.trans = trans.detach().requires_grad_(build and trans.requires_grad)
+        self.u = u.detach().requires_grad_(build and u.requires_grad)
+        self.c: Optional[Tensor] = None
+
+    def run(self, inner: ScanOp, c: Optional[Tensor], c_grad: bool, reverse: bool, reset) -> Tuple[Tensor, Tensor]:
+        if c is not None:
+            self.c = c.detach().requires_grad_(self.build and c_grad)
+        with torch.set_grad_enabled(self.build):
+            self.h, self.h_last = inner(self.trans, self.u, self.c, reverse, reset)
+        return self.h.detach(), self.h_last.detach()
+
+    def leaves(self, with_c: bool) -> List[Tensor]:
+        xs = [self.trans, self.u] + ([self.c] if with_c and self.c is not None else [])
+        return [x for x in xs if x.requires_grad]
+
+    def vjp(self, outputs: Sequence[Tensor], grads: Sequence[Tensor], with_c: bool, retain: bool) -> dict:
+        """{id(leaf): grad} for the slice's leaves, given the gradients of `outputs`."""
+        leaves = self.leaves(with_c)
+        pairs = [(o, g) for o, g in zip(outputs, grads) if o.requires_grad and g is not None]
+        if not leaves or not pairs:
+            return {}
+        got = torch.autograd.grad([o for o, _ in pairs], leaves, [g for _, g in pairs],
+                                  retain_graph=retain, allow_unused=True)
+        return {id(x): g for x, g in zip(leaves, got) if g is not None}
+
+    def input_grads(self, *parts: dict) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        out = []
+        for x in (self.trans, self.u):
+            gs = [p[id(x)] for p in parts if id(x) in p]
+            out.append(sum(gs[1:], gs[0]) if gs else (torch.zeros_like(x) if x.requires_grad else None))
+        return out[0], out[1]
+
+
+def _fold(op: ScanOp, Ps: List[Tensor], Ss: List[Tensor], keeps: List[Tensor]) -> Tuple[List[Tensor], Tensor]:
+    """Carries entering each slice (scan order; c_0 unused) and the final state d_{K-1}."""
+    c: List[Optional[Tensor]] = [None]
+    for j in range(len(Ss)):
+        d = Ss[j] if c[j] is None else op.apply(Ps[j], c[j]) + Ss[j]
+        c.append(keeps[j] * d)
+    return c, d
+
+
+def _unpack(got: Tensor, shapes: Sequence[torch.Size], k: int, reverse: bool) -> List[List[Tensor]]:
+    """(K, n) gathered rows -> per field, a list in scan order."""
+    fields, at = [], 0
+    for shape in shapes:
+        n = shape.numel()
+        rows = got[:, at:at + n]
+        fields.append([rows[_order(j, k, reverse)].view(shape) for j in range(k)])
+        at += n
+    return fields
+
+
+class _AllGatherScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, inner, group, reverse, reset, build, trans, u, h0):
+        K, r = group_size(group), group_rank(group)
+        k = _order(r, K, reverse)
+        sl = _Slice(trans, u, build)
+        if k == 0:  # the owner of the sequence start: its scan from h0 is already the right one
+            h, s = sl.run(inner, h0, h0 is not None and h0.requires_grad, reverse, reset)
+            with torch.no_grad():  # P_0 is never needed; only its shape (one-step probe)
+                P = torch.zeros_like(inner.product(trans[:, :1], reverse, None))
+        else:
+            with torch.no_grad():
+                _, s = inner(trans, u, None, reverse, reset)
+                P = inner.product(trans, reverse, reset)
+        dt = _carry_dtype(P, s)
+        keep = _keep(reset, reverse, s, dt)
+        got = all_gather(torch.cat([P.reshape(-1).to(dt), s.reshape(-1).to(dt), keep.reshape(-1)]), group)
+        Ps, Ss, keeps = _unpack(got, [P.shape, s.shape, keep.shape], K, reverse)
+        c, final = _fold(inner, Ps, Ss, keeps)
+        if k > 0:
+            h, _ = sl.run(inner, c[k].to(s.dtype), True, reverse, reset)
+        ctx.inner, ctx.group, ctx.reverse, ctx.k = inner, group, reverse, k
+        ctx.sl, ctx.Ps, ctx.keeps, ctx.state_shape, ctx.dt = sl, Ps, keeps, s.shape, dt
+        ctx.h0_like = h0
+        return h, final.to(s.dtype)
+
+    @staticmethod
+    def backward(ctx, g_h, g_final):
+        sl, k, dt = ctx.sl, ctx.k, ctx.dt
+        K = len(ctx.Ps)
+        g_h = torch.zeros_like(sl.h) if g_h is None else g_h
+        zero_state = torch.zeros(ctx.state_shape, dtype=dt, device=g_h.device)
+        g_final = zero_state if g_final is None else g_final.to(dt)
+        part1, a = {}, zero_state
+        if k > 0:  # a_k: the gradient at c_k from this slice's own outputs
+            part1 = sl.vjp([sl.h], [g_h], with_c=True, retain=True)
+            a = part1.pop(id(sl.c), zero_state).to(dt)
+        got = all_gather(torch.cat([a.reshape(-1), g_final.reshape(-1)]), ctx.group)
+        As, Gs = _unpack(got, [a.shape, a.shape], K, ctx.reverse)
+        delta = sum(Gs[1:], Gs[0])  # the final state's gradient, summed over every rank's use of it
+        for j in range(K - 1, k, -1):  # gradient leaving slice j toward slice j - 1
+            delta = ctx.keeps[j - 1] * (As[j] + apply_transposed(ctx.inner, ctx.Ps[j], delta))
+        delta = delta.to(sl.h_last.dtype)
+        g_h0 = None
+        if k == 0:
+            part = sl.vjp([sl.h, sl.h_last], [g_h, delta], with_c=True, retain=False)
+            if sl.c is not None and sl.c.requires_grad:
+                g_h0 = part.pop(id(sl.c), torch.zeros_like(sl.c)).to(ctx.h0_like.dtype)
+            g_trans, g_u = sl.input_grads(part)
+        else:
+            part2 = sl.vjp([sl.h_last], [delta], with_c=False, retain=False) if bool(delta.any()) else {}
+            g_trans, g_u = sl.input_grads(part1, part2)
+            if ctx.h0_like is not None and ctx.h0_like.requires_grad:
+                g_h0 = torch.zeros_like(ctx.h0_like)  # only the owner's h0 enters the sequence
+        ctx.sl = None
+        return None, None, None, None, None, g_trans, g_u, g_h0
+
+
+class _RingScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, inner, group, reverse, reset, build, trans, u, h0):
+        K, r = group_size(group), group_rank(group)
+        k = _order(r, K, reverse)
+        prev, nxt, last = _order(k - 1, K, reverse), _order(k + 1, K, reverse), _order(K - 1, K, reverse)
+        sl = _Slice(trans, u, build)
+        with torch.no_grad():  # the state's shape and dtype, from a one-step probe
+            _, like = inner(trans[:, :1], u[:, :1], None, reverse, None)
+        if k == 0:
+            h, d = sl.run(inner, h0, h0 is not None and h0.requires_grad, reverse, reset)
+        else:
+            h, d = sl.run(inner, recv(like, prev, group), True, reverse, reset)
+        keep = _keep(reset, reverse, d, d.dtype)
+        if k < K - 1:
+            send(keep * d, nxt, group)
+        final = broadcast(d if k == K - 1 else like, last, group)
+        ctx.group, ctx.k, ctx.K, ctx.prev, ctx.nxt = group, k, K, prev, nxt
+        ctx.sl, ctx.keep, ctx.h0_like = sl, keep, h0
+        return h, final
+
+    @staticmethod
+    def backward(ctx, g_h, g_final):
+        sl, k, K = ctx.sl, ctx.k, ctx.K
+        g_h = torch.zeros_like(sl.h) if g_h is None else g_h
+        g_final = torch.zeros_like(sl.h_last) if g_final is None else g_final
+        total = all_reduce(g_final, ctx.group)  # every rank's use of the final state
+        if k == K - 1:
+            delta = total
+        else:
+            delta = ctx.keep * recv(sl.h_last, ctx.nxt, ctx.group)
+        part = sl.vjp([sl.h, sl.h_last], [g_h, delta.to(sl.h_last.dtype)], with_c=True, retain=False)
+        g_c = part.pop(id(sl.c), None) if sl.c is not None else None
+        g_h0 = None
+        if k > 0:
+            send(g_c if g_c is not None else torch.zeros_like(sl.c), ctx.prev, ctx.group)
+            if ctx.h0_like is not None and ctx.h0_like.requires_grad:
+                g_h0 = torch.zeros_like(ctx.h0_like)
+        elif sl.c is not None and sl.c.requires_grad:
+            g_h0 = (g_c if g_c is not None else torch.zeros_like(sl.c)).to(ctx.h0_like.dtype)
+        g_trans, g_u = sl.input_grads(part)
+        ctx.sl = None
+        return None, None, None, None, None, g_trans, g_u, g_h0
+
+
+class SPScan(ScanOp):
+    """The ScanOp `inner` over a sequence split across the ranks of `group` (see module doc).
+
+    Called like the inner op on this rank's slice: (trans, u, h0, reverse, reset) -> (h, h_last),
+    h for the slice, h_last the WHOLE sequence's final state (identical on every rank).
+    `product` and `apply` stay the inner op's, local to the slice.
+    """
+
+    def __init__(self, inner: ScanOp, group: Any, carry: str = "allgather"):
+        if carry not in CARRIES:
+            raise ValueError(f"parallel.carry: must be one of {', '.join(CARRIES)}, got '{carry}'")
+        self.inner, self.group, self.carry = inner, group, carry
+        self.name = f"sp_{inner.name}"
+
+    def __call__(self, trans, u, h0=None, reverse=False, reset=None):
+        if self.group is None or group_size(self.group) == 1:
+            return self.inner(trans, u, h0, reverse, reset)
+        build = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (trans, u, h0))
+        fn = _AllGatherScan if self.carry == "allgather" else _RingScan
+        if not build:  # inference: the same exchange, no graph kept
+            with torch.no_grad():
+                return fn.forward(_NoCtx(), self.inner, self.group, bool(reverse), reset, False, trans, u, h0)
+        return fn.apply(self.inner, self.group, bool(reverse), reset, True, trans, u, h0)
+
+    def product(self, trans, reverse=False, reset=None):
+        return self.inner.product(trans, reverse, reset)
+
+    def apply(self, P, h):
+        return self.inner.apply(P, h)
+
+    def __repr__(self) -> str:
+        return f"SPScan({self.inner!r}, carry={self.carry!r})"
+
+
+class _NoCtx:
+    """Stands in for autograd's ctx when the forward runs without a graph."""
