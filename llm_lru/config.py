@@ -121,8 +121,25 @@ class CheckpointConfig:
 class EvalConfig:
     suites: List[str] = field(default_factory=list)
     out: str = ""
-    max_length: int = 0
-    chunk_size: int = 1024
+    max_length: int = 0                 # 0: no cap; else lengths above it are left out
+    chunk_size: int = 1024              # chunked prefill: tokens per forward
+    seed: int = 0
+    tokenizer: str = ""                 # "": the run's / export's; bytes | PREP_DIR | tokenizer.json
+    progress: bool = True
+    ppl_length: int = 0                 # 0: 4 x train.seq_len
+    ppl_batches: int = 4                # rows of ppl_length tokens
+    data_path: str = ""                 # prep folder for ppl when the target has no run config
+    passkey_lengths: List[int] = field(default_factory=lambda: [1024, 2048, 4096, 8192, 16384, 32768, 65536])
+    passkey_depths: List[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    passkey_trials: int = 3
+    niah_tasks: List[str] = field(default_factory=lambda: ["single", "multikey", "multivalue", "multiquery", "vt", "cwe"])
+    niah_lengths: List[int] = field(default_factory=lambda: [1024, 4096, 16384, 65536])
+    niah_trials: int = 4
+    haystack: str = "auto"              # auto | data | fallback | a text file
+    lm_eval_tasks: List[str] = field(default_factory=list)
+    lm_eval_include: str = ""           # folder of local lm-eval task YAMLs
+    lm_eval_limit: int = 0              # 0: all documents
+    task_samples: int = 256             # mqar / state-tracking suites: eval samples
 
 
 @dataclass

@@ -1,0 +1,181 @@
+"""The recall / state-tracking lab: train small models from scratch through the normal trainer on
+a synthetic task (llm_lru.eval.tasks), then measure answer accuracy; and the `task` suite that
+measures a checkpoint on its own synthetic task.
+
+    acc = task_accuracy(model, "mqar", {"num_kv_pairs": 8}, seq_len=128, n=256)
+    row = train_and_score(run_cfg)          # trainer.train(run_cfg) in a world of one, then score
+    table = run_sweep(sweep_dict, out_dir)  # mixers x tasks, one accuracy table
+"""
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from . import tasks as _tasks  # noqa: F401  (registers mqar, s3, s5, selective_copy)
+from .common import progress, table
+from .prefill import token_logprobs
+
+SPLIT_SEED = 9_999  # eval samples: seeded apart from the training stream
+
+
+@torch.no_grad()
+def task_accuracy(model, task: str, task_args: Dict[str, Any], seq_len: int, n: int = 256, seed: int = 0,
+                  chunk_size: int = 0, batch_size: int = 64) -> Dict[str, Any]:
+    """Greedy accuracy on the scored (answer) positions of n fresh samples of `task`.
+
+    Returns {"accuracy": answers right / answers, "sequence_accuracy": samples with every answer
+    right / samples, "answers": count}. chunk_size 0 reads each batch in one forward.
+    """
+    was_training = model.training
+    model.eval()
+    data = _tasks.task_batch(task, task_args, seq_len, n, seed + SPLIT_SEED, model.cfg.vocab_size)
+    device = model.embed.weight.device
+    right = total = seq_right = 0
+    for s in range(0, n, batch_size):
+        tok = torch.from_numpy(data["tokens"][s:s + batch_size]).to(device)
+        mask = torch.from_numpy(data["mask"][s:s + batch_size]).to(device)
+        starts = torch.from_numpy(data["starts"][s:s + batch_size]).to(device)
+        ids = tok[:, :-1]
+        targets = torch.where(mask, tok[:, 1:], torch.full_like(ids, -100))
+        _, greedy = token_logprobs(model, ids, chunk_size or ids.shape[1], doc_start=starts, targets=targets)
+        m = mask.cpu()
+        right += int(greedy[m].sum())
+        total += int(m.sum())
+        seq_right += int(((greedy | ~m).all(1)).sum())
+    model.train(was_training)
+    return {"accuracy": right / max(total, 1), "sequence_accuracy": seq_right / n, "answers": total}
+
+
+def run_suite(target, ecfg, out: Path) -> Dict[str, Any]:
+    """`task` suite: accuracy of a checkpoint trained on a synthetic task, on that task."""
+    cfg = target.cfg
+    if cfg is None or cfg.data.source != "synthetic" or not cfg.data.task:
+        raise ValueError("suite 'task': the target's run config has no synthetic data.task (mqar, s3, s5, ...)")
+    res = task_accuracy(target.model, cfg.data.task, dict(cfg.data.task_args), cfg.train.seq_len,
+                        ecfg.task_samples, ecfg.seed, ecfg.chunk_size)
+    rows = [[cfg.data.task, json.dumps(dict(cfg.data.task_args)), cfg.train.seq_len, res["answers"],
+             res["accuracy"], res["sequence_accuracy"]]]
+    return {"suite": "task", "metrics": res,
+            "tables": [table("synthetic task accuracy", ["task", "args", "seq_len", "answers", "accuracy", "seq_accuracy"], rows)],
+            "plots": [], "settings": {"samples": ecfg.task_samples, "seed": ecfg.seed}}
+
+
+# ---- training through the normal trainer -------------------------------------------------
+
+def ensure_world(cfg) -> None:
+    """A torch.distributed world of one (the trainer's own init), unless one is up already."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        from llm_lru.train.cli import init_world
+
+        init_world(cfg)
+
+
+def train_and_score(cfg, eval_samples: int = 256, seed: int = 0) -> Dict[str, Any]:
+    """Train cfg from scratch with llm_lru.train.trainer.train, load its final checkpoint the way
+    `llm-lru eval` does, and score it on its task. Returns the trainer summary + accuracy."""
+    from llm_lru.train.trainer import train
+
+    from .load import load_target
+
+    ensure_world(cfg)
+    t0 = time.time()
+    summary = train(cfg)
+    train_s = time.time() - t0
+    target = load_target(cfg.out_dir)
+    res = task_accuracy(target.model, cfg.data.task, dict(cfg.data.task_args), cfg.train.seq_len, eval_samples, seed)
+    last = _last_metrics(Path(cfg.out_dir))
+    return {**res, "train_seconds": train_s, "steps": summary["step"], "final_loss": last.get("loss"),
+            "params": target.model.num_params()}
+
+
+def _last_metrics(run_dir: Path) -> Dict[str, Any]:
+    f = run_dir / "metrics.jsonl"
+    if not f.is_file():
+        return {}
+    lines = [ln for ln in f.read_text().splitlines() if ln.strip()]
+    return json.loads(lines[-1]) if lines else {}
+
+
+def _merge(a: Dict[str, Any], b: Dict[str, Any]) -> Dict[str, Any]:
+    out = copy.deepcopy(a)
+    for k, v in (b or {}).items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def sweep_runs(sweep: Dict[str, Any], out_dir: Path) -> List[Dict[str, Any]]:
+    """The runs of a sweep dict {base, mixers: {name: overrides}, tasks: {name: overrides}}:
+    [{"mixer", "task", "config": RunConfig}], mixers x tasks, each with its own out_dir."""
+    from llm_lru.config import from_dict
+
+    for key in ("base", "mixers", "tasks"):
+        if key not in sweep:
+            raise ValueError(f"sweep config: missing key '{key}'")
+    only_m, only_t = sweep.get("only_mixers"), sweep.get("only_tasks")
+    runs = []
+    for tname, tover in sweep["tasks"].items():
+        if only_t and tname not in only_t:
+            continue
+        for mname, mover in sweep["mixers"].items():
+            if only_m and mname not in only_m:
+                continue
+            d = _merge(_merge(sweep["base"], tover), mover)
+            d["out_dir"] = str(out_dir / f"{tname}__{mname}")
+            try:
+                cfg = from_dict(d)
+            except ValueError as e:
+                raise ValueError(f"sweep config: task '{tname}' x mixer '{mname}': {e}") from None
+            runs.append({"mixer": mname, "task": tname, "config": cfg})
+    return runs
+
+
+def run_sweep(sweep: Dict[str, Any], out_dir: Path, eval_samples: int = 256,
+              on_result=None, show_progress: bool = True) -> Dict[str, Any]:
+    """Train and score every run of the sweep; returns {"results": [...], "table": Table}.
+    on_result(row) is called after each run (e.g. to write partial results)."""
+    runs = sweep_runs(sweep, out_dir)
+    bar = progress(len(runs), "recall sweep", show_progress)
+    results = []
+    for r in runs:
+        cfg = r["config"]
+        row = {"task": r["task"], "mixer": r["mixer"], "pattern": cfg.model.pattern, "d_model": cfg.model.d_model,
+               "block_size": cfg.model.block_size, "seq_len": cfg.train.seq_len,
+               "task_args": dict(cfg.data.task_args), "max_steps": cfg.train.max_steps}
+        try:
+            row.update(train_and_score(cfg, eval_samples))
+        except Exception as e:  # a failed run is a row of the table, not the end of the sweep
+            row["error"] = f"{type(e).__name__}: {e}"
+        results.append(row)
+        bar.update(1)
+        if on_result:
+            on_result(results)
+    bar.close()
+    return {"results": results, "table": sweep_table(results)}
+
+
+def sweep_table(results: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """One table: a row per task, a column per mixer, cells = answer accuracy."""
+    mixers = list(dict.fromkeys(r["mixer"] for r in results))
+    tasks_ = list(dict.fromkeys(r["task"] for r in results))
+    cell = {(r["task"], r["mixer"]): r for r in results}
+    rows = []
+    for t in tasks_:
+        row: List[Any] = [t]
+        for m in mixers:
+            r = cell.get((t, m))
+            row.append(None if r is None or "accuracy" not in r else round(float(r["accuracy"]), 4))
+        rows.append(row)
+    return table("answer accuracy (rows: task, columns: mixer)", ["task"] + mixers, rows)
+
+
+def mean_or_none(xs) -> Optional[float]:
+    xs = [x for x in xs if x is not None]
+    return float(np.mean(xs)) if xs else None
