@@ -1,0 +1,376 @@
+"""Scan benchmark: the Triton kernels (llm_lru.kernels.triton) against the memory floor and named
+baselines, forward and forward+backward. Writes bench/results/scan.json and scan.md.
+
+    .venv/bin/python bench/scan.py [--quick] [--dtype bf16|fp32]
+
+On CUDA, for m in {1, 2, 4, 8}, T in {2K, 8K, 32K}, B x N in {1K, 8K}: median time (CUDA events,
+after warm-up) of
+  m = 1  diag_scan_triton      vs fla fused_recurrent_hgrn (log-gates, bf16 output)
+  m > 1  bdlru_scan_triton (fused gates), hlru_scan_triton, block_scan_triton (A given)
+         vs a PyTorch associative (log-depth doubling) scan
+  all    the PyTorch chunked path (our CPU path, llm_lru.kernels.chunked) on the same device
+with the bytes of the byte model (each input read once, each output written once), achieved
+GB/s and the fraction of the measured device-to-device copy bandwidth (2 x bytes / copy time).
+Targets (issue 6): forward >= 0.85 of copy bandwidth for m <= 4, forward+backward >= 0.65.
+
+Without CUDA, every GPU row is written with status "unmeasured" (its byte model only, nothing
+estimated), and the CPU rows time the PyTorch chunked path and the associative baseline at small
+sizes against the measured CPU copy bandwidth. The Triton kernels on CPU run only under the
+interpreter, whose timings say nothing about a GPU: they are not reported.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from llm_lru.kernels import chunked
+from llm_lru.kernels.gates import normalize_rows
+
+HERE = Path(__file__).resolve().parent
+MS = [1, 2, 4, 8]
+TS = [2048, 8192, 32768]
+BNS = [1024, 8192]
+DT = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+# ---- timing -------------------------------------------------------------------------------------
+
+def median_time(fn: Callable[[], None], device: torch.device, warmup: int, reps: int) -> float:
+    """Median seconds of fn() after warm-up: CUDA events on a GPU, perf_counter on CPU."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        for _ in range(reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+    else:
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int) -> float:
+    """Bytes/s of a device-to-device copy: read + write of nbytes, median of several."""
+    x = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
+    y = torch.empty_like(x)
+    t = median_time(lambda: y.copy_(x), device, 3, 10)
+    return 2 * nbytes / t
+
+
+# ---- byte model ---------------------------------------------------------------------------------
+
+def byte_model(kind: str, m: int, rows: int, T: int, in_bytes: int, out_bytes: int = 4) -> Dict[str, int]:
+    """Bytes a pass must move at least: every input read once, every output written once.
+
+    Per step and row: diag reads a, u; block reads A (m^2), u (m); bdlru reads logits m(m+1), v (m);
+    hlru reads logits (m+1), v (1); all write the state/output (m, or 1 for hlru) in fp32.
+    The backward reads the inputs, the saved output and its gradient, and writes input gradients.
+    """
+    n_in = {"diag": 2, "block": m * m + m, "bdlru": m * (m + 1) + m, "hlru": m + 2}[kind]
+    n_out = {"diag": 1, "block": m, "bdlru": m, "hlru": 1}[kind]
+    fwd = rows * T * (n_in * in_bytes + n_out * out_bytes)
+    bwd = rows * T * (n_in * in_bytes + 2 * n_out * out_bytes + n_in * in_bytes)
+    return {"fwd": fwd, "fwd+bwd": fwd + bwd}
+
+
+# ---- inputs and runners -------------------------------------------------------------------------
+
+def make_inputs(kind: str, m: int, B: int, T: int, N: int, dtype, device):
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device, dtype)
+
+    if kind == "diag":
+        return [torch.rand(B, T, N, generator=g).mul(0.2).add(0.79).to(device, dtype), r(B, T, N)]
+    if kind == "block":
+        A = torch.rand(B, T, N, m, m, generator=g)
+        return [(A / A.sum(-1, keepdim=True) * 0.98).to(device, dtype), r(B, T, N, m)]
+    if kind == "bdlru":
+        return [r(B, T, N, m, m + 1), r(B, T, N, m)]
+    return [r(B, T, N, m + 1), r(B, T, N)]  # hlru
+
+
+def torch_assoc_block_scan(A: torch.Tensor, u: torch.Tensor):
+    """Baseline: log-depth (Hillis-Steele) associative scan in PyTorch, (A_t, u_t) pairs composed
+    by doubling. A: (B, T, N, m, m), u: (B, T, N, m) -> h (B, T, N, m) fp32."""
+    A, u = A.float(), u.float()
+    T = A.shape[1]
+    d = 1
+    while d < T:
+        A_prev, u_prev = A[:, :-d], u[:, :-d]
+        u = torch.cat([u[:, :d], torch.einsum("btnij,btnj->btni", A[:, d:], u_prev) + u[:, d:]], 1)
+        A = torch.cat([A[:, :d], A[:, d:] @ A_prev], 1)
+        d *= 2
+    return u, u[:, -1]
+
+
+def runners(kind: str, device: torch.device) -> Dict[str, Callable]:
+    """name -> scan(*inputs) -> (out, last) for this kind, on this device."""
+    out: Dict[str, Callable] = {}
+    if device.type == "cuda":
+        from llm_lru.kernels import triton as kt
+        out["triton"] = {"diag": kt.diag_scan_triton, "block": kt.block_scan_triton,
+                         "bdlru": kt.bdlru_scan_triton, "hlru": kt.hlru_scan_triton}[kind]
+        if kind == "diag":
+            from fla.ops.hgrn import fused_recurrent_hgrn  # ~12 s import: only here
+            # fla takes log-gates: the log is taken once, outside the timed call
+            out["fla_hgrn"] = lambda x, g: fused_recurrent_hgrn(x, g, output_final_state=True)
+    if kind in ("block", "bdlru"):
+        def split(G, v):
+            P = normalize_rows(G)
+            return P[..., :-1], P[..., -1] * v.float()
+        pre = (lambda A, u: (A, u)) if kind == "block" else split
+        out["torch_assoc"] = lambda G, v: torch_assoc_block_scan(*pre(G, v))
+        out["torch_chunked"] = lambda G, v: chunked.block_scan_chunked(*pre(G, v))
+    elif kind == "hlru":
+        def hl(G, v):
+            P = normalize_rows(G)
+            return chunked.companion_scan_chunked(P[..., :-1], P[..., -1] * v.float())
+        out["torch_chunked"] = hl
+    else:
+        out["torch_chunked"] = chunked.diag_scan_chunked
+    return out
+
+
+def own_inputs(name: str, inputs: List[torch.Tensor]) -> List[torch.Tensor]:
+    """The inputs in the form an implementation takes (fla: x and log-gates)."""
+    if name == "fla_hgrn":
+        a, u = inputs
+        return [u, a.float().log().to(a.dtype)]
+    return inputs
+
+
+def step(scan: Callable, inputs: List[torch.Tensor], mode: str) -> Callable[[], None]:
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                scan(*inputs)
+        return run
+    leaves = [x.detach().requires_grad_() for x in inputs]
+
+    def run_bwd():
+        for x in leaves:
+            x.grad = None
+        h, last = scan(*leaves)
+        torch.autograd.backward([h, last], [torch.ones_like(h), torch.ones_like(last)])
+    return run_bwd
+
+
+def memory_needed(kind: str, name: str, m: int, rows: int, T: int, in_bytes: int, mode: str) -> int:
+    """Rough peak bytes, to skip shapes that cannot fit (never used as a result)."""
+    io = byte_model(kind, m, rows, T, in_bytes)["fwd+bwd"]
+    if name == "torch_assoc":
+        level = rows * T * (m * m + m) * 4
+        return level * (2 * math.ceil(math.log2(T)) + 4 if mode != "fwd" else 6)
+    if name == "torch_chunked":
+        return rows * T * (m * (m + 1) + 2 * m) * 4 * (8 if mode != "fwd" else 3)
+    return 2 * io
+
+
+# ---- main ---------------------------------------------------------------------------------------
+
+def kinds_for(m: int) -> List[str]:
+    return ["diag", "bdlru"] if m == 1 else ["bdlru", "hlru", "block"]
+
+
+def gpu_rows(dtype, quick: bool) -> List[dict]:
+    device = torch.device("cuda")
+    copy_bw = copy_bandwidth(device, 1 << 30)
+    print(f"device-to-device copy bandwidth: {copy_bw / 1e9:.1f} GB/s")
+    free = torch.cuda.mem_get_info(device)[0]
+    in_bytes = torch.finfo(dtype).bits // 8
+    rows = []
+    for m in MS:
+        for T in (TS[:1] if quick else TS):
+            for BN in BNS:
+                N = min(BN, 64 * m)
+                B = BN // N
+                for kind in kinds_for(m):
+                    inputs = None
+                    for name, scan in runners(kind, device).items():
+                        for mode in ("fwd", "fwd+bwd"):
+                            row = dict(device=torch.cuda.get_device_name(device), kind=kind, impl=name, mode=mode,
+                                       m=m, T=T, BN=BN, B=B, N=N, dtype=str(dtype).replace("torch.", ""),
+                                       bytes=byte_model(kind, m, BN, T, in_bytes,
+                                                        in_bytes if name == "fla_hgrn" else 4)[mode],
+                                       copy_GBps=copy_bw / 1e9)
+                            if name == "fla_hgrn":
+                                row["note"] = "fla writes its output in the input dtype"
+                            if memory_needed(kind, name, m, BN, T, in_bytes, mode) > 0.8 * free:
+                                row["status"] = "skipped: does not fit in GPU memory"
+                                rows.append(row)
+                                continue
+                            if inputs is None:
+                                inputs = make_inputs(kind, m, B, T, N, dtype, device)
+                            try:
+                                t = median_time(step(scan, own_inputs(name, inputs), mode), device, 3,
+                                                10 if quick else 20)
+                            except torch.cuda.OutOfMemoryError:
+                                torch.cuda.empty_cache()
+                                row["status"] = "skipped: out of GPU memory"
+                                rows.append(row)
+                                continue
+                            gbps = row["bytes"] / t / 1e9
+                            row.update(status="measured", time_s=t, GBps=gbps, frac_copy=gbps / (copy_bw / 1e9))
+                            rows.append(row)
+                            print(f"{kind:6s} {name:14s} {mode:8s} m={m} T={T:6d} BN={BN:5d} "
+                                  f"{t * 1e3:9.3f} ms {gbps:8.1f} GB/s {row['frac_copy']:6.1%}")
+                    del inputs
+                    torch.cuda.empty_cache()
+    return rows
+
+
+def unmeasured_gpu_rows(dtype) -> List[dict]:
+    in_bytes = torch.finfo(dtype).bits // 8
+    rows = []
+    for m in MS:
+        for T in TS:
+            for BN in BNS:
+                for kind in kinds_for(m):
+                    impls = ["triton", "torch_chunked"] + (["fla_hgrn"] if kind == "diag" else []) + \
+                        (["torch_assoc"] if kind in ("block", "bdlru") else [])
+                    for name in impls:
+                        for mode in ("fwd", "fwd+bwd"):
+                            rows.append(dict(device="cuda", kind=kind, impl=name, mode=mode, m=m, T=T, BN=BN,
+                                             dtype=str(dtype).replace("torch.", ""),
+                                             bytes=byte_model(kind, m, BN, T, in_bytes)[mode],
+                                             status="unmeasured: no CUDA device on this machine"))
+    return rows
+
+
+def cpu_rows(quick: bool) -> List[dict]:
+    """The PyTorch paths on this CPU at small sizes (fp32), against the CPU copy bandwidth."""
+    device = torch.device("cpu")
+    copy_bw = copy_bandwidth(device, 1 << 28)
+    print(f"CPU copy bandwidth: {copy_bw / 1e9:.1f} GB/s ({torch.get_num_threads()} threads)")
+    T, BN = (512, 128) if quick else (2048, 256)
+    rows = []
+    for m in MS:
+        N = min(BN, 16 * m)
+        B = BN // N
+        for kind in kinds_for(m):
+            inputs = make_inputs(kind, m, B, T, N, torch.float32, device)
+            for name, scan in runners(kind, device).items():
+                for mode in ("fwd", "fwd+bwd"):
+                    nbytes = byte_model(kind, m, BN, T, 4)[mode]
+                    row = dict(device="cpu", kind=kind, impl=name, mode=mode, m=m, T=T, BN=BN, B=B, N=N,
+                               dtype="float32", bytes=nbytes, copy_GBps=copy_bw / 1e9)
+                    if memory_needed(kind, name, m, BN, T, 4, mode) > (4 << 30):
+                        row["status"] = "skipped: over the 4 GiB CPU budget"
+                        rows.append(row)
+                        continue
+                    t = median_time(step(scan, own_inputs(name, inputs), mode), device, 1, 3)
+                    gbps = nbytes / t / 1e9
+                    row.update(status="measured", time_s=t, GBps=gbps, frac_copy=gbps / (copy_bw / 1e9))
+                    rows.append(row)
+                    print(f"cpu {kind:6s} {name:14s} {mode:8s} m={m} T={T} BN={BN} {t * 1e3:9.2f} ms "
+                          f"{gbps:6.2f} GB/s {row['frac_copy']:6.1%}")
+    return rows
+
+
+def ratios(rows: List[dict]) -> List[dict]:
+    """Time of every other implementation over ours, per shape and mode (triton where it was
+    measured, else the chunked PyTorch path): > 1 means ours is faster."""
+    out = []
+    groups: Dict[tuple, Dict[str, float]] = {}
+    for r in rows:
+        if r.get("status") == "measured":
+            groups.setdefault((r["device"], r["kind"], r["m"], r["T"], r["BN"], r["mode"]), {})[r["impl"]] = r["time_s"]
+    for (dev, kind, m, T, BN, mode), t in groups.items():
+        ours = "triton" if "triton" in t else "torch_chunked"
+        for name, tn in t.items():
+            if name != ours:
+                out.append(dict(device=dev, kind=kind, m=m, T=T, BN=BN, mode=mode,
+                                ratio=f"{name} / {ours} time", value=tn / t[ours]))
+                print(f"{dev} {kind:6s} {mode:8s} m={m} T={T} BN={BN}: {name} / {ours} time = {tn / t[ours]:.2f}")
+    return out
+
+
+def write_markdown(path: Path, result: dict) -> None:
+    lines = ["# Scan benchmark (bench/scan.py)", "", f"meta: `{json.dumps(result['meta'])}`", ""]
+    gpu = [r for r in result["rows"] if r.get("device") != "cpu" and "ratio" not in r]
+    if gpu and all(r["status"].startswith("unmeasured") for r in gpu):
+        lines += ["## GPU: unmeasured", "",
+                  f"No CUDA device here: all {len(gpu)} GPU rows (m in {MS}, T in {TS}, B x N in {BNS}; "
+                  "triton, fla_hgrn at m = 1, torch_assoc, torch_chunked; fwd and fwd+bwd) are unmeasured. "
+                  "Their byte model is in scan.json; no time or bandwidth is estimated. The targets "
+                  "(fwd >= 85% of copy bandwidth for m <= 4, fwd+bwd >= 65%) are unverified.", ""]
+    else:
+        lines += ["## GPU", "", "| kind | impl | mode | m | T | BxN | ms | GB/s | of copy | status |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in gpu:
+            if r["status"] != "measured":
+                lines.append(f"| {r['kind']} | {r['impl']} | {r['mode']} | {r['m']} | {r['T']} | {r['BN']} "
+                             f"| | | | {r['status']} |")
+                continue
+            lines.append(f"| {r['kind']} | {r['impl']} | {r['mode']} | {r['m']} | {r['T']} | {r['BN']} | "
+                         f"{r.get('time_s', float('nan')) * 1e3:.3f} | {r.get('GBps', float('nan')):.0f} | "
+                         f"{r.get('frac_copy', float('nan')):.0%} | {r['status']} |")
+        lines += ["", "Ratios (same run): " + "; ".join(
+            f"{r['kind']} m={r['m']} T={r['T']} BxN={r['BN']} {r['mode']}: {r['ratio']} = {r['value']:.2f}"
+            for r in result["rows"] if "ratio" in r and r["device"] != "cpu"), ""]
+    cpu = [r for r in result["rows"] if r.get("device") == "cpu"]
+    if cpu:
+        lines += ["## CPU (PyTorch paths; the Triton kernels are not timed under the interpreter)", "",
+                  "| kind | impl | mode | m | T | BxN | ms | GB/s | of copy | status |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in cpu:
+            if "ratio" in r:
+                continue
+            if r["status"] != "measured":
+                lines.append(f"| {r['kind']} | {r['impl']} | {r['mode']} | {r['m']} | {r['T']} | {r['BN']} "
+                             f"| | | | {r['status']} |")
+                continue
+            lines.append(f"| {r['kind']} | {r['impl']} | {r['mode']} | {r['m']} | {r['T']} | {r['BN']} | "
+                         f"{r.get('time_s', float('nan')) * 1e3:.2f} | {r.get('GBps', float('nan')):.2f} | "
+                         f"{r.get('frac_copy', float('nan')):.1%} | {r['status']} |")
+        lines += ["", "Ratios (same run): " + "; ".join(f"{r['kind']} m={r['m']} {r['mode']}: "
+                                                        f"{r['ratio']} = {r['value']:.2f}"
+                                                        for r in cpu if "ratio" in r), ""]
+    path.write_text("\n".join(lines))
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="T = 2K only on GPU, smaller CPU sizes")
+    ap.add_argument("--dtype", choices=sorted(DT), default="bf16", help="input dtype on GPU (state is fp32)")
+    ap.add_argument("--out", default=str(HERE / "results" / "scan.json"))
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    dtype = DT[args.dtype]
+    has_cuda = torch.cuda.is_available()
+    rows = gpu_rows(dtype, args.quick) if has_cuda else unmeasured_gpu_rows(dtype)
+    if not has_cuda:
+        print(f"no CUDA device: {len(rows)} GPU rows written as unmeasured")
+        rows += cpu_rows(args.quick)
+    rows += ratios(rows)
+    meta = dict(torch=torch.__version__, cuda=has_cuda, machine=platform.machine(), threads=torch.get_num_threads(),
+                quick=args.quick, gpu_dtype=args.dtype, note="byte model: inputs read once, outputs written once")
+    result = {"meta": meta, "rows": rows}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    write_markdown(out.with_suffix(".md"), result)
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
