@@ -293,13 +293,20 @@ class Loader:
             self.gen.start = self.step
             ds, workers = self.gen, 0
         if workers > 0:
-            dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers,
-                                             prefetch_factor=4, persistent_workers=False)
+            it = iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers,
+                                                  prefetch_factor=4, persistent_workers=False))
         else:
-            dl = ds
-        for batch in dl:
-            self.step += 1
-            yield batch
+            it = iter(ds)
+        try:
+            for batch in it:
+                self.step += 1
+                yield batch
+        finally:
+            # A worker's exception keeps the iterator alive through its traceback, and with it the
+            # other workers; stop them now rather than at garbage collection (seconds of joins).
+            shutdown = getattr(it, "_shutdown_workers", None)
+            if shutdown:
+                shutdown()
 
     def state_dict(self) -> Dict[str, Any]:
         """Plain JSON-able position: enough to resume exactly (with the same config)."""

@@ -55,10 +55,18 @@ def shard_name(split: str, index: int) -> str:
     return f"shard-{index:06d}.tar" if split == "train" else f"val-{index:06d}.tar"
 
 
+_NPY_HEADERS: Dict[Tuple[str, int], bytes] = {}
+
+
 def _npy(a: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, a, allow_pickle=False)
-    return buf.getvalue()
+    """np.save bytes of a 1-D array; the header is cached per (dtype, length): writing it was a
+    third of prep's time at short seq_len."""
+    key = (a.dtype.str, len(a))
+    if key not in _NPY_HEADERS:
+        buf = io.BytesIO()
+        np.save(buf, a, allow_pickle=False)
+        _NPY_HEADERS[key] = buf.getvalue()[: len(buf.getvalue()) - a.nbytes]
+    return _NPY_HEADERS[key] + a.tobytes()
 
 
 def write_shard(path: Path, first_index: int, tokens: np.ndarray, starts: List[np.ndarray]) -> None:
@@ -100,37 +108,56 @@ class SplitWriter:
 
     def __init__(self, out: Path, split: str, shard_size: int, seq_len: int, dtype: np.dtype):
         self.out, self.split, self.shard_size = out, split, shard_size
-        self.tokens = np.empty((0, seq_len + 1), dtype)
-        self.starts = np.empty((0, seq_len + 1), bool)
+        # Pending samples as a list of blocks: concatenating per document would copy a whole
+        # shard's worth of tokens for every small document.
+        self._tok: List[np.ndarray] = [np.empty((0, seq_len + 1), dtype)]
+        self._st: List[np.ndarray] = [np.empty((0, seq_len + 1), bool)]
+        self.pending = 0
         self.shards: List[Dict[str, Any]] = []
 
     @property
     def samples_written(self) -> int:
         return sum(s["samples"] for s in self.shards)
 
+    @property
+    def tokens(self) -> np.ndarray:
+        return np.concatenate(self._tok)
+
+    @property
+    def starts(self) -> np.ndarray:
+        return np.concatenate(self._st)
+
+    def restore(self, tokens: np.ndarray, starts: np.ndarray) -> None:
+        self._tok, self._st, self.pending = [tokens], [starts], len(tokens)
+
     def add(self, tokens: np.ndarray, starts: np.ndarray) -> int:
         """Queue samples; write full shards. Returns the number of shards written."""
-        self.tokens = np.concatenate([self.tokens, tokens])
-        self.starts = np.concatenate([self.starts, starts])
+        if len(tokens):
+            self._tok.append(tokens)
+            self._st.append(starts)
+            self.pending += len(tokens)
         n = 0
-        while len(self.tokens) >= self.shard_size:
-            self._write(self.shard_size)
-            n += 1
+        if self.pending >= self.shard_size:
+            toks, sts = self.tokens, self.starts
+            while len(toks) >= self.shard_size:
+                self._write(toks[: self.shard_size], sts[: self.shard_size])
+                toks, sts = toks[self.shard_size:], sts[self.shard_size:]
+                n += 1
+            self.restore(toks, sts)
         return n
 
     def flush(self) -> None:
-        if len(self.tokens):
-            self._write(len(self.tokens))
+        if self.pending:
+            self._write(self.tokens, self.starts)
+            self.restore(self.tokens[:0], self.starts[:0])
 
-    def _write(self, count: int) -> None:
+    def _write(self, toks: np.ndarray, sts: np.ndarray) -> None:
         name = shard_name(self.split, len(self.shards))
         path = self.out / name
-        toks, sts = self.tokens[:count], self.starts[:count]
         write_shard(path, self.samples_written, toks, [np.flatnonzero(s) for s in sts])
-        self.shards.append({"name": name, "samples": int(count), "tokens": int(toks.size),
+        self.shards.append({"name": name, "samples": int(len(toks)), "tokens": int(toks.size),
                             "documents": int(sts.sum()), "bytes": path.stat().st_size,
                             "sha256": sha256_file(path)})
-        self.tokens, self.starts = self.tokens[count:], self.starts[count:]
 
 
 # ---- worker side: read and tokenize one task -----------------------------------------------
@@ -281,7 +308,7 @@ def _run(cfg: PrepConfig, conf: Dict[str, Any], out: Path, tasks: List[corpus.Ta
                                      f"interrupted run; delete {out} and run again")
             writers[s].shards = list(state["shards"][s])
             packers[s].tokens, packers[s].starts = pend[f"{s}_ptok"], pend[f"{s}_pst"]
-            writers[s].tokens, writers[s].starts = pend[f"{s}_wtok"], pend[f"{s}_wst"]
+            writers[s].restore(pend[f"{s}_wtok"], pend[f"{s}_wst"])
     jobs = ((i, tasks[i], cfg.text_field, cfg.seed, cfg.val_fraction) for i in range(start, len(tasks)))
     bar = None
     if progress:
