@@ -169,22 +169,59 @@ def _block_bwd_kernel(G, U, H, H0, DH, LAMIN, DG, DU, LAMOUT, RST,
     tl.store(LAMOUT + cid[:, None] * M + k2, carry, mask=m2)
 
 
+@triton.jit
+def _fold_kernel(P, S, X0, OUT, C, N, R, M: tl.constexpr, K: tl.constexpr, BACKWARD: tl.constexpr,
+                 ACC: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Sequential fold of chunk carries, one program per row tile (C small steps, no launches):
+    forward  OUT_0 = X0,     OUT_{c+1} = P_c OUT_c + S_c
+    backward OUT_{C-1} = X0, OUT_{c-1} = P_c^T OUT_c + S_c."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < R
+    b = (rows // N).to(tl.int64)
+    n = (rows % N).to(tl.int64)
+    ii = tl.arange(0, K)[None, :, None]
+    jj = tl.arange(0, K)[None, None, :]
+    k2 = tl.arange(0, K)[None, :]
+    m2 = rmask[:, None] & (k2 < M)
+    m3 = rmask[:, None, None] & (ii < M) & (jj < M)
+    x = tl.load(X0 + (b * N + n)[:, None] * M + k2, mask=m2, other=0.0).to(ACC)
+    for i in range(0, C):
+        if BACKWARD:
+            c = C - 1 - i
+        else:
+            c = i
+        cid = (b * C + c) * N + n
+        tl.store(OUT + cid[:, None] * M + k2, x, mask=m2)
+        Pc = tl.load(P + cid[:, None, None] * (M * M) + ii * M + jj, mask=m3, other=0.0).to(ACC)
+        sc = tl.load(S + cid[:, None] * M + k2, mask=m2, other=0.0).to(ACC)
+        if BACKWARD:
+            x = tl.sum(Pc * x[:, :, None], axis=1) + sc
+        else:
+            x = tl.sum(Pc * x[:, None, :], axis=2) + sc
+
+
+def _fold(P: Tensor, S: Tensor, x0: Tensor, backward: bool) -> Tensor:
+    """P: (B, C, N, M, M), S: (B, C, N, M), x0: (B, N, M) -> carries entering each chunk (B, C, N, M)."""
+    B, C, N, M = S.shape
+    K = triton.next_power_of_2(M)
+    BLOCK_R = block_rows(K, B * N)
+    out = torch.empty_like(S)
+    grid, warps = grid_and_warps(B * N, 1, BLOCK_R, K)
+    _fold_kernel[grid](P, S, x0.contiguous(), out, C, N, B * N, M=M, K=K, BACKWARD=backward,
+                       ACC=acc_triton_dtype(S.dtype), BLOCK_R=BLOCK_R, **warps)
+    return out
+
+
 def _fold_forward(P: Tensor, s: Tensor, h0: Tensor) -> Tensor:
     """init_0 = h0, init_{c+1} = P_c init_c + s_c. P: (B, C, N, M, M), s: (B, C, N, M) -> (B, C, N, M)."""
-    inits = [h0]
-    for c in range(P.shape[1] - 1):
-        inits.append(torch.einsum("bnij,bnj->bni", P[:, c], inits[-1]) + s[:, c])
-    return torch.stack(inits, 1)
+    return _fold(P, s, h0, False)
 
 
 def _fold_backward(P: Tensor, local: Tensor, lam_last: Tensor) -> Tensor:
     """Adjoint carries entering each chunk from its end: in_{C-1} = dh_last,
     in_c = P_{c+1}^T in_{c+1} + local_{c+1}. -> (B, C, N, M)."""
-    C = P.shape[1]
-    ins = [lam_last]
-    for c in range(C - 2, -1, -1):
-        ins.append(torch.einsum("bnji,bnj->bni", P[:, c + 1], ins[-1]) + local[:, c + 1])
-    return torch.stack(ins[::-1], 1)
+    return _fold(P, local, lam_last, True)
 
 
 def _launch_setup(G: Tensor, M: int, W: int, NORM: int, T: int, R: int, chunk: Optional[int]):
