@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import importlib
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -55,11 +56,13 @@ def run_suites(target, ecfg: EvalConfig, out: Path) -> List[Dict[str, Any]]:
     results = []
     for name in ecfg.suites:
         module, fn = SUITES[name]
+        t0 = time.time()
         try:
             results.append(getattr(importlib.import_module(module), fn)(target, ecfg, out))
         except Exception as e:  # noqa: BLE001 - one suite's failure must not lose the others
             traceback.print_exc()
             results.append({"suite": name, "error": f"{type(e).__name__}: {e}"})
+        results[-1]["seconds"] = round(time.time() - t0, 3)
     return results
 
 
@@ -74,7 +77,7 @@ def parse(argv: List[str]) -> argparse.Namespace:
     ap.add_argument("--max-length", type=int, default=0, help="leave out lengths above this (eval.max_length)")
     ap.add_argument("--sweep", default="", help="a recall sweep YAML (configs/sweeps/): train and score its runs")
     ap.add_argument("--no-progress", action="store_true")
-    return ap.parse_args(argv)
+    return ap.parse_intermixed_args(argv)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -34,6 +34,8 @@ def markdown(report: Dict[str, Any]) -> str:
              f"- created: {report['created']}", f"- model: {report['model']}", ""]
     for res in report["suites"]:
         lines += [f"## {res['suite']}", ""]
+        if "seconds" in res:
+            lines += [f"time: {res['seconds']:.1f} s", ""]
         if res.get("error"):
             lines += [f"**failed**: {res['error']}", ""]
             continue

@@ -1,0 +1,144 @@
+"""Every suite on a tiny random model through `llm-lru eval`, plus the prompt builders."""
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from llm_lru.cli import main as llm_lru_main
+from llm_lru.config import EvalConfig
+from llm_lru.data_prep.tokenizer import make_tokenizer
+from llm_lru.eval import niah, passkey
+from llm_lru.eval.haystack import PASSKEY_FILLER, assemble, make_haystack
+from llm_lru.eval.load import load_target
+from llm_lru.eval.ppl import context_positions
+
+from .helpers import fake_run, is_png
+
+# Two layers (block-diagonal recurrence + attention): the suites' loops, not the mixers, are
+# under test here (test_prefill covers every mixer kind).
+SMALL = {"vocab_size": 258, "d_model": 32, "n_layers": 2, "pattern": "BA", "n_heads": 2, "block_size": 2}
+
+TOK = make_tokenizer("bytes")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("run") / "run"
+    fake_run(d, {"model": SMALL, "data": {"source": "random"}, "train": {"seq_len": 24}})
+    return d
+
+
+def test_load_target_reads_the_checkpoint(run_dir):
+    target = load_target(run_dir)
+    ref = fake_run(run_dir.parent / "again", {"model": SMALL, "data": {"source": "random"}, "train": {"seq_len": 24}})
+    ids = torch.randint(0, 258, (1, 10))
+    torch.testing.assert_close(target.model(ids), ref(ids))
+    assert target.train_len == 24 and target.tokenizer is None
+
+
+def test_cli_all_suites_write_well_formed_reports(run_dir, tmp_path):
+    out = tmp_path / "report"
+    rc = llm_lru_main(["eval", str(run_dir), "--suite", "ppl,passkey,niah", "--out", str(out), "--tokenizer", "bytes",
+                       "--chunk-size", "64", "--no-progress", "ppl_batches=2", "passkey_lengths=[300,400]",
+                       "passkey_depths=[0.0,1.0]", "passkey_trials=1", "niah_lengths=[600]", "niah_trials=1"])
+    assert rc == 0
+    rep = json.loads((out / "report.json").read_text())
+    by = {r["suite"]: r for r in rep["suites"]}
+    assert set(by) == {"ppl", "passkey", "niah"} and not any("error" in r for r in by.values())
+    # ppl: 4 x train length by default, per-position bins that add up to the tokens scored
+    assert by["ppl"]["settings"]["length"] == 96
+    rows = by["ppl"]["tables"][0]["rows"]
+    assert sum(r[1] for r in rows) == by["ppl"]["metrics"]["tokens"] == 2 * 96
+    assert 0 < by["ppl"]["metrics"]["val_loss"] < 20
+    # passkey: a full grid, accuracies in [0, 1]
+    grid = by["passkey"]["tables"][0]["rows"]
+    assert [(r[0], r[1]) for r in grid] == [(300, 0.0), (300, 1.0), (400, 0.0), (400, 1.0)]
+    assert all(r[2] == 1 and 0 <= r[3] <= 1 for r in grid)
+    tasks_run = {r[0] for r in by["niah"]["tables"][0]["rows"] if r[3] is not None}
+    assert tasks_run == set(niah.TASKS)
+    for p in ("ppl_by_position.png", "passkey.png", "niah.png"):
+        assert is_png(out / p)
+    md = (out / "report.md").read_text()
+    assert "## ppl" in md and "## passkey" in md and "## niah" in md and "![passkey.png](passkey.png)" in md
+
+
+def test_cli_errors(run_dir, tmp_path, capsys):
+    assert llm_lru_main(["eval", str(run_dir), "--suite", "nope", "--out", str(tmp_path)]) == 2
+    assert "eval.suites" in capsys.readouterr().err
+    assert llm_lru_main(["eval", str(run_dir), "--suite", "ppl", "--out", str(tmp_path), "bogus=1"]) == 2
+    assert "eval.bogus" in capsys.readouterr().err
+    # a suite that cannot run is reported, the others still run, and the exit status says so
+    rc = llm_lru_main(["eval", str(run_dir), "--suite", "passkey,ppl", "--out", str(tmp_path), "--no-progress",
+                       "ppl_batches=1"])
+    assert rc == 1
+    rep = json.loads((tmp_path / "report.json").read_text())
+    assert "tokenizer" in rep["suites"][0]["error"] and "metrics" in rep["suites"][1]
+
+
+def test_passkey_prompt_exact_length_and_depth():
+    filler = TOK.encode(PASSKEY_FILLER) * 40
+    for L in (300, 1000):
+        for d in (0.0, 0.5, 1.0):
+            ids = passkey.passkey_prompt(TOK, L, d, 12345, filler)
+            assert len(ids) == L and ids[0] == TOK.bos_id
+            text = TOK.decode(ids[1:])
+            at = text.index("The pass key is 12345")
+            head, tail = len(passkey.PREFIX), len(text) - len(passkey.QUESTION)
+            frac = (at - head) / (tail - head - len(passkey.NEEDLE.format(key=12345)))
+            assert abs(frac - d) < 0.05
+            assert text.endswith(passkey.QUESTION)
+    assert passkey.passkey_prompt(TOK, 50, 0.5, 12345, filler) is None
+    assert passkey.first_number(" 12345. Remember") == 12345 and passkey.first_number("none") is None
+
+
+def test_assemble_keeps_needles_whole_and_ordered():
+    out = assemble(20, [1], [0] * 30, [[7, 7], [8, 8, 8]], [0.9, 0.1], [9])
+    assert len(out) == 20 and out[0] == 1 and out[-1] == 9
+    s = "".join(map(str, out))
+    assert s.index("888") < s.index("77")
+    assert assemble(5, [1], [0] * 30, [[7, 7, 7, 7]], [0.5], [9]) is None
+
+
+@pytest.mark.parametrize("task", niah.TASKS)
+def test_niah_prompts_hold_their_answers(task):
+    hay = make_haystack("fallback", TOK, None, 3000, seed=0)
+    rng = np.random.default_rng(0)
+    ids, refs = niah.build(task, TOK, hay, 3000, rng)
+    assert len(ids) == 3000 and ids[0] == TOK.bos_id
+    text = TOK.decode(ids)
+    for r in refs:
+        assert r in text
+    if task == "multikey":
+        assert text.count("special magic numbers for") == 4  # the needle and 3 distractors
+        key = re.search(r"magic number for (\w+) mentioned", text).group(1)
+        assert f"for {key} is: {refs[0]}." in text
+    if task == "multivalue":
+        assert len(set(refs)) == 4
+    if task == "vt":
+        # the chain runs forward in the text: VAR X1 = value first, each later one names the previous
+        first = text.index(f"VAR {refs[0]} = ")
+        for a, b in zip(refs, refs[1:]):
+            assert text.index(f"VAR {b} = VAR {a}.") > first
+    if task == "cwe":
+        words = re.findall(r"\d+\. (\w+)", text)
+        counts = {w: words.count(w) for w in set(words)}
+        top = sorted(counts, key=counts.get, reverse=True)[:10]
+        assert set(top) == set(refs) and min(counts[w] for w in refs) > max(
+            (c for w, c in counts.items() if w not in refs), default=0)
+    assert niah.score(" " + ", ".join(refs), refs) == 1.0
+    assert niah.score("nothing", refs) == 0.0
+
+
+def test_context_positions():
+    ds = torch.tensor([[False, False, True, False, False, True]])
+    assert context_positions(ds).tolist() == [[0, 1, 0, 1, 2, 0]]
+
+
+def test_max_length_caps_lengths(run_dir, tmp_path):
+    target = load_target(run_dir, "bytes")
+    res = passkey.run(target, EvalConfig(passkey_lengths=[300, 5000], passkey_depths=[0.5], passkey_trials=1,
+                                         max_length=400, progress=False), tmp_path)
+    assert res["settings"]["lengths"] == [300]
