@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import time
@@ -121,14 +122,15 @@ def torch_assoc_block_scan(A: torch.Tensor, u: torch.Tensor):
     return u, u[:, -1]
 
 
-def runners(kind: str, device: torch.device) -> Dict[str, Callable]:
-    """name -> scan(*inputs) -> (out, last) for this kind, on this device."""
+def runners(kind: str, device: torch.device, smoke: bool = False) -> Dict[str, Callable]:
+    """name -> scan(*inputs) -> (out, last) for this kind, on this device (smoke: the Triton
+    kernels under the interpreter on CPU, to exercise the GPU code path)."""
     out: Dict[str, Callable] = {}
-    if device.type == "cuda":
+    if device.type == "cuda" or smoke:
         from llm_lru.kernels import triton as kt
         out["triton"] = {"diag": kt.diag_scan_triton, "block": kt.block_scan_triton,
                          "bdlru": kt.bdlru_scan_triton, "hlru": kt.hlru_scan_triton}[kind]
-        if kind == "diag":
+        if kind == "diag" and not smoke:  # fla's kernels need interpreter patches on CPU
             from fla.ops.hgrn import fused_recurrent_hgrn  # ~12 s import: only here
             # fla takes log-gates: the log is taken once, outside the timed call
             out["fla_hgrn"] = lambda x, g: fused_recurrent_hgrn(x, g, output_final_state=True)
@@ -190,23 +192,26 @@ def kinds_for(m: int) -> List[str]:
     return ["diag", "bdlru"] if m == 1 else ["bdlru", "hlru", "block"]
 
 
-def gpu_rows(dtype, quick: bool) -> List[dict]:
-    device = torch.device("cuda")
-    copy_bw = copy_bandwidth(device, 1 << 30)
+def gpu_rows(dtype, quick: bool, smoke: bool = False) -> List[dict]:
+    """Every GPU row, measured. smoke (no CUDA): the same code path on CPU with the Triton
+    interpreter at tiny sizes, rows labelled as a smoke run, no bandwidth reported."""
+    device = torch.device("cpu" if smoke else "cuda")
+    copy_bw = copy_bandwidth(device, 1 << (24 if smoke else 30))
     print(f"device-to-device copy bandwidth: {copy_bw / 1e9:.1f} GB/s")
-    free = torch.cuda.mem_get_info(device)[0]
+    free = (8 << 30) if smoke else torch.cuda.mem_get_info(device)[0]
+    dev_name = "cpu (Triton interpreter smoke run)" if smoke else torch.cuda.get_device_name(device)
     in_bytes = torch.finfo(dtype).bits // 8
     rows = []
     for m in MS:
-        for T in (TS[:1] if quick else TS):
-            for BN in BNS:
-                N = min(BN, 64 * m)
+        for T in ([33] if smoke else TS[:1] if quick else TS):
+            for BN in ([8] if smoke else BNS):
+                N = min(BN, 4 if smoke else 64 * m)
                 B = BN // N
                 for kind in kinds_for(m):
                     inputs = None
-                    for name, scan in runners(kind, device).items():
+                    for name, scan in runners(kind, device, smoke).items():
                         for mode in ("fwd", "fwd+bwd"):
-                            row = dict(device=torch.cuda.get_device_name(device), kind=kind, impl=name, mode=mode,
+                            row = dict(device=dev_name, kind=kind, impl=name, mode=mode,
                                        m=m, T=T, BN=BN, B=B, N=N, dtype=str(dtype).replace("torch.", ""),
                                        bytes=byte_model(kind, m, BN, T, in_bytes,
                                                         in_bytes if name == "fla_hgrn" else 4)[mode],
@@ -220,11 +225,15 @@ def gpu_rows(dtype, quick: bool) -> List[dict]:
                             if inputs is None:
                                 inputs = make_inputs(kind, m, B, T, N, dtype, device)
                             try:
-                                t = median_time(step(scan, own_inputs(name, inputs), mode), device, 3,
-                                                10 if quick else 20)
+                                t = median_time(step(scan, own_inputs(name, inputs), mode), device,
+                                                1 if smoke else 3, 1 if smoke else 10 if quick else 20)
                             except torch.cuda.OutOfMemoryError:
                                 torch.cuda.empty_cache()
                                 row["status"] = "skipped: out of GPU memory"
+                                rows.append(row)
+                                continue
+                            if smoke:
+                                row.update(status="smoke: ran, not a timing")
                                 rows.append(row)
                                 continue
                             gbps = row["bytes"] / t / 1e9
@@ -233,7 +242,8 @@ def gpu_rows(dtype, quick: bool) -> List[dict]:
                             print(f"{kind:6s} {name:14s} {mode:8s} m={m} T={T:6d} BN={BN:5d} "
                                   f"{t * 1e3:9.3f} ms {gbps:8.1f} GB/s {row['frac_copy']:6.1%}")
                     del inputs
-                    torch.cuda.empty_cache()
+                    if not smoke:
+                        torch.cuda.empty_cache()
     return rows
 
 
@@ -260,7 +270,7 @@ def cpu_rows(quick: bool) -> List[dict]:
     device = torch.device("cpu")
     copy_bw = copy_bandwidth(device, 1 << 28)
     print(f"CPU copy bandwidth: {copy_bw / 1e9:.1f} GB/s ({torch.get_num_threads()} threads)")
-    T, BN = (512, 128) if quick else (2048, 256)
+    T, BN = (512, 128) if quick else (1024, 256)
     rows = []
     for m in MS:
         N = min(BN, 16 * m)
@@ -351,11 +361,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="T = 2K only on GPU, smaller CPU sizes")
     ap.add_argument("--dtype", choices=sorted(DT), default="bf16", help="input dtype on GPU (state is fp32)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="no CUDA: run the GPU code path on CPU under the Triton interpreter at tiny sizes "
+                         "(checks the benchmark runs; not a timing) and write nothing")
     ap.add_argument("--out", default=str(HERE / "results" / "scan.json"))
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     dtype = DT[args.dtype]
     has_cuda = torch.cuda.is_available()
+    if args.smoke and not has_cuda:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are imported (lazily)
+        rows = gpu_rows(dtype, True, smoke=True)
+        print(f"smoke run: {len(rows)} rows ran through the GPU code path; nothing written")
+        return 0
     rows = gpu_rows(dtype, args.quick) if has_cuda else unmeasured_gpu_rows(dtype)
     if not has_cuda:
         print(f"no CUDA device: {len(rows)} GPU rows written as unmeasured")
