@@ -41,7 +41,7 @@ def assert_same(fast, ref, inputs, tol=1e-10):
 CASES = list(itertools.product(range(1, 9), [1, 13], [False, True], [False, True]))  # m, T, reverse, h0
 
 
-@pytest.mark.parametrize("m,T,reverse,with_h0", CASES)
+@pytest.mark.parametrize("m,T,reverse,with_h0", CASES + [(16, 6, False, True), (16, 6, True, True)])
 def test_block_scan_matches_reference(m, T, reverse, with_h0):
     gen = torch.Generator().manual_seed(100 * m + T)
     B, N = 2, 3
