@@ -24,8 +24,9 @@ TEXT_EXTS = (".txt", ".md", ".py")
 JSONL_EXTS = (".jsonl",)
 PARQUET_EXTS = (".parquet",)
 CORPORA = ("python-stdlib",)
-RANGE_BYTES = 32 << 20          # split plain .jsonl files into ranges of this size
-TASK_BYTES = 4 << 20            # group small files into tasks of about this size
+RANGE_BYTES = 4 << 20           # split plain .jsonl files into ranges of this size
+TASK_BYTES = 1 << 20            # group small files into tasks of about this size (the unit of
+                                # parallelism and of resume)
 
 
 @dataclass
@@ -37,6 +38,7 @@ class Piece:
     start: int = 0
     end: int = -1               # -1: to the end of the file
     size: int = 0               # bytes this piece stands for (for progress and --max-bytes)
+    key: str = ""               # path relative to the inputs' common folder: the split's hash key
 
 
 @dataclass
@@ -111,6 +113,9 @@ def make_tasks(files: Sequence[str], max_bytes: int = 0) -> Tuple[List[Task], Li
     pieces: List[Piece] = []
     bad: List[Dict[str, str]] = []
     total = 0
+    # Relative paths keep the train/val split independent of where the corpus lives, and
+    # distinguish same-named files (the stdlib has hundreds of __init__.py).
+    root = os.path.commonpath(files) if len(files) > 1 else os.path.dirname(files[0]) if files else ""
     for path in files:
         if max_bytes and total >= max_bytes:
             break
@@ -128,6 +133,7 @@ def make_tasks(files: Sequence[str], max_bytes: int = 0) -> Tuple[List[Task], Li
             bad.append({"path": path, "error": f"{type(e).__name__}: {e}"})
             continue
         for p in new:
+            p.key = os.path.relpath(path, root)
             if max_bytes and total >= max_bytes:
                 break
             if max_bytes and p.kind == "jsonl" and not path.endswith(".gz") and total + p.size > max_bytes:
@@ -207,6 +213,6 @@ def is_val(seed: int, piece: Piece, index: int, fraction: float) -> bool:
     """Train/validation split by document: a stable hash of (seed, file, range, index)."""
     if fraction <= 0:
         return False
-    key = f"{seed}\0{os.path.basename(piece.path)}\0{piece.start}\0{index}".encode()
+    key = f"{seed}\0{piece.key}\0{piece.start}\0{index}".encode()
     h = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
     return h / 2.0 ** 64 < fraction

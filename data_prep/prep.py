@@ -9,7 +9,7 @@ seq_len + 1 tokens; a trailing remainder shorter than a sample is dropped (and c
 Resume: after every task that completed a shard, the packer's pending tokens go to
 `.prep_pending-N.npz` and the position to `.prep_state.json`; a rerun of the same command starts
 at the next task and keeps the finished shards (checked by sha256). The granularity is one task
-(at most ~4 MB of input), so at most the shards of one task are written again, identically.
+(about 1 MB of input), so at most the shards of one task are written again, identically.
 """
 from __future__ import annotations
 

@@ -80,6 +80,7 @@ class LoadedTokenizer:
 
     encode(text) -> list of ids (special-token strings in the text stay plain text);
     decode(ids) -> str; vocab_size counts added tokens; eos_id separates packed documents.
+    Other attributes (get_vocab_size, token_to_id, id_to_token, ...) are the HF tokenizer's.
     """
 
     hf: Tokenizer
@@ -91,6 +92,16 @@ class LoadedTokenizer:
     @property
     def vocab_size(self) -> int:
         return self.hf.get_vocab_size(with_added_tokens=True)
+
+    def get_vocab_size(self, with_added_tokens: bool = True) -> int:
+        """As `tokenizers.Tokenizer.get_vocab_size` (with the special tokens by default)."""
+        return self.hf.get_vocab_size(with_added_tokens=with_added_tokens)
+
+    def __getattr__(self, name):
+        # Anything else (token_to_id, id_to_token, save, ...) is the HF tokenizer's.
+        if name == "hf":
+            raise AttributeError(name)
+        return getattr(self.hf, name)
 
     def encode(self, text: str) -> List[int]:
         return self.hf.encode(text, add_special_tokens=False).ids

@@ -100,6 +100,12 @@ def test_determinism_across_worker_counts(corpus_dir, tmp_path):
     assert ha == hb and any(n.startswith("val-") for n in ha)
     P.run_prep(P.PrepConfig(**{**cfg, "seed": 4}), tmp_path / "c", workers=1, progress=False)
     assert file_hashes(tmp_path / "c") != ha        # the seed moves documents between splits
+    # The split does not depend on where the corpus lives (only the manifest's paths differ).
+    import shutil
+    shutil.copytree(corpus_dir[0], tmp_path / "moved" / "elsewhere")
+    P.run_prep(P.PrepConfig(**{**cfg, "inputs": [str(tmp_path / "moved")]}), tmp_path / "d", workers=1, progress=False)
+    hd = file_hashes(tmp_path / "d")
+    assert {k: v for k, v in hd.items() if k.endswith(".tar")} == {k: v for k, v in ha.items() if k.endswith(".tar")}
 
 
 def test_val_split_by_document(stdlib_prep):
@@ -232,3 +238,21 @@ def test_stdlib_corpus_is_capped_and_starts_with_first_file(stdlib_prep):
     val, _ = split_samples(stdlib_prep, "val", max_shards=1)
     # The first file (sorted order) opens whichever split its document fell into.
     assert len(first) > 128 and (first.startswith(tok.decode(train[0])) or first.startswith(tok.decode(val[0])))
+
+
+def test_jsonl_byte_ranges_read_every_line_once(tmp_path, monkeypatch):
+    import random
+    from .conftest import random_text
+    rng = random.Random(5)
+    lines = [random_text(rng, rng.randint(1, 30)) for _ in range(60)]
+    (tmp_path / "big.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
+    cfg = dict(inputs=[str(tmp_path / "big.jsonl")], seq_len=16, shard_size=20)
+    P.run_prep(P.PrepConfig(**cfg), tmp_path / "whole", progress=False)
+    monkeypatch.setattr(corpus, "RANGE_BYTES", 97)       # ranges cut lines anywhere
+    tasks, _ = corpus.make_tasks([str(tmp_path / "big.jsonl")])
+    assert sum(len(t.pieces) for t in tasks) > 20
+    docs = [d for t in tasks for p in t.pieces for d in corpus.read_piece(p)[0]]
+    assert docs == lines
+    P.run_prep(P.PrepConfig(**cfg), tmp_path / "ranges", workers=2, progress=False)
+    tars = lambda d: {k: v for k, v in file_hashes(d).items() if k.endswith(".tar")}
+    assert tars(tmp_path / "ranges") == tars(tmp_path / "whole")
