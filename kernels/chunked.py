@@ -248,25 +248,26 @@ def _diag_core(a: Tensor, u: Tensor, h0: Optional[Tensor], reverse: bool, C: int
     B, T, N = u.shape
     dt = acc_dtype(a, u, h0)
     nc = -(-T // C)
-    ac = _chunk(a, C, nc, 1.0, dt, shift)
-    X = torch.zeros((C, B, nc, 2, N), dtype=dt, device=u.device)  # [Pcum, local]
-    _chunk(u, C, nc, 0.0, dt, out=X[:, :, :, 1])
+    ac = _chunk(a, C, nc, 1.0, dt, shift)  # (C, B, nc, N)
+    uc = _chunk(u, C, nc, 0.0, dt)
+    P = torch.empty_like(ac)  # cumulative transition inside the chunk
+    L = torch.empty_like(uc)  # local state from a zero start
     steps, chunks = _orders(C, nc, reverse)
-    X[steps[0], :, :, 0] = ac[steps[0]]
+    P[steps[0]], L[steps[0]] = ac[steps[0]], uc[steps[0]]
     prev = steps[0]
     for t in steps[1:]:
-        X[t].addcmul_(ac[t].unsqueeze(-2), X[prev])
+        torch.mul(ac[t], P[prev], out=P[t])
+        torch.addcmul(uc[t], ac[t], L[prev], out=L[t])
         prev = t
-    del ac
+    del ac, uc
     if nc == 1 and h0 is None:
-        return _unchunk(X[:, :, :, 1], T)
-    end = X[prev]
-    hin = torch.zeros((B, nc, N), dtype=dt, device=u.device)
+        return _unchunk(L, T)
+    hin = torch.zeros((nc, B, N), dtype=dt, device=u.device)
     if h0 is not None:
-        hin[:, chunks[0]] = h0
+        hin[chunks[0]] = h0
     for c0, c in zip(chunks[:-1], chunks[1:]):
-        torch.addcmul(end[:, c0, 1], end[:, c0, 0], hin[:, c0], out=hin[:, c])
-    return _unchunk(torch.addcmul(X[:, :, :, 1], X[:, :, :, 0], hin), T)
+        torch.addcmul(L[prev, :, c0], P[prev, :, c0], hin[c0], out=hin[c])
+    return _unchunk(L.addcmul_(P, hin.transpose(0, 1)), T)
 
 
 class _DiagScanFn(torch.autograd.Function):
