@@ -3,12 +3,15 @@
 Same contract as `reference.py` (h0, h_last, reverse; companion `reset`; outputs in the
 accumulation dtype). The sequence is cut into chunks of C steps (the last one padded):
 
-1. every chunk is scanned from a zero state at once, one batched op per step, carrying along the
-   cumulative transition of the chunk: X_t = A_t X_{t-1} + [0 | u_t] with X = [Pcum | local];
+1. every chunk is scanned from a zero state at once (a few wide ops per step, all chunks together),
+   carrying along the cumulative transition of the chunk: X_t = A_t X_{t-1} + [0 | u_t] with
+   X = [Pcum | local];
 2. a short loop over chunks folds the carries: h_in(c+1) = P(c) h_in(c) + s(c);
-3. one batched op corrects every state: h_t = local_t + Pcum_t h_in(chunk of t).
+3. wide ops correct every state: h_t = local_t + Pcum_t h_in(chunk of t).
 
-A scan of length T costs about C + T / C Python-level steps instead of T (C ~ sqrt(T)).
+A scan of length T costs about C + T / C Python-level steps instead of T (C ~ sqrt(T)), at the
+price of m x m products per step (m + 1 times the work of the sequential matrix-vector loop).
+Plain PyTorch, so it runs on any device; on CUDA the Triton kernels are the fast path.
 The backward of h_t = A_t h_{t-1} + u_t is the same scan run the other way with shifted,
 transposed transitions (g_t = dL/dh_t + A_{t+1}^T g_{t+1}), so every autograd.Function here saves
 only its inputs and outputs, never a per-step graph.

@@ -227,3 +227,19 @@ def test_companion_product_matches_materialised_product(m, T):
         (P * w).sum().backward()
         (R * w).sum().backward()
         torch.testing.assert_close(af.grad, ar.grad, rtol=1e-10, atol=1e-10)
+
+
+def test_mixed_dtypes_and_strided_inputs():
+    """Mixed float dtypes promote like the reference (fp64 h0 -> fp64 states), and non-contiguous
+    inputs (transposed views, expanded values) are read as they are."""
+    gen = torch.Generator().manual_seed(13)
+    B, T, N, m = 2, 10, 3, 3
+    At = stable(B, T, N, m, m, gen=gen).float().transpose(-1, -2)  # a view, not contiguous
+    u = torch.randn(1, T, N, m, generator=gen).bfloat16().expand(B, T, N, m)
+    h0 = torch.randn(B, N, m, dtype=F64, generator=gen)
+    for reverse in (False, True):
+        h, last = chunked.block_scan_chunked(At, u, h0, reverse, chunk=4)
+        rh, rlast = reference.block_scan_ref(At, u, h0, reverse)
+        assert h.dtype == rh.dtype == F64
+        torch.testing.assert_close(h, rh)
+        torch.testing.assert_close(last, rlast)
