@@ -66,12 +66,24 @@ def save_tokenizer(tok, out: Path) -> Dict[str, Optional[int]]:
 
 
 def check_no_pickles(folder: Path) -> None:
-    """Raise ValueError naming any file of the folder that is a pickle or a torch.save zip."""
+    """Raise ValueError naming any file of the folder that is a pickle or a torch.save zip:
+    .safetensors files must parse as safetensors, other files must not start like a pickle
+    (protocol 2+ opcode) or a zip archive."""
+    from safetensors import safe_open
+
     for p in sorted(folder.rglob("*")):
-        if p.is_file():
-            head = p.read_bytes()[:4]
-            if head[:1] == b"\x80" or head == b"PK\x03\x04":
-                raise ValueError(f"{p}: export folders must not contain pickles or torch.save archives")
+        if not p.is_file():
+            continue
+        if p.suffix == ".safetensors":
+            try:
+                with safe_open(str(p), "pt"):
+                    pass
+            except Exception as e:
+                raise ValueError(f"{p}: not a safetensors file ({e})") from None
+            continue
+        head = p.read_bytes()[:4]
+        if head[:1] == b"\x80" or head == b"PK\x03\x04":
+            raise ValueError(f"{p}: export folders must not contain pickles or torch.save archives")
 
 
 def write_folder(out: Path, model_cfg, sd: Dict[str, torch.Tensor], dtype: str = "fp32", tok=None,
@@ -80,9 +92,9 @@ def write_folder(out: Path, model_cfg, sd: Dict[str, torch.Tensor], dtype: str =
     (HybridLM names) into the existing folder `out`; returns the export metadata so far."""
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-    specials = save_tokenizer(tok, out) if tok is not None else {}
     if tok is not None and tok.vocab_size > model_cfg.vocab_size:
         raise ValueError(f"tokenizer: {tok.vocab_size} tokens but model.vocab_size={model_cfg.vocab_size}")
+    specials = save_tokenizer(tok, out) if tok is not None else {}
     rev = source_revision()
     write_code(out, rev)
     (out / "config.json").write_text(json.dumps(hf_config_dict(model_cfg, specials), indent=1))
@@ -113,6 +125,8 @@ def export(path: str | Path, out: str | Path, dtype: str = "fp32", config: Optio
         shutil.rmtree(out)
     src = resolve_source(path, config)
     model_cfg = src.config.model
+    if not model_cfg.causal:
+        raise ValueError("model.causal: false (a bidirectional encoder) cannot be exported as a causal LM")
     sd = match_keys(consolidate(src), HybridLM(model_cfg).state_dict().keys(), str(src.checkpoint or src.ds_dir))
     tok = find_tokenizer(src, tokenizer)
     if tok is None:
