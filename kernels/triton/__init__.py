@@ -9,6 +9,10 @@
     block_carry_triton(G, U, reverse, reset, norm) / companion_carry_triton(...) -> (P, s)
       the carry of a whole slice, h_last(h0) = P h0 + s: what sequence parallelism exchanges.
 
+reset (B, T) bool is a per-step cut: reset[b, t] zeroes A_t, as in companion_scan_ref (block_scan
+has no reset: pass A_t = 0). Document starts become cuts through ops.transition_mask (in reverse
+the cut moves one step). Outputs and state are fp32 for bf16/fp32 inputs (fp64 for fp64).
+
 All scans take `chunk=` (steps per chunk of the two-level form; automatic on CUDA). Importing this
 package imports triton: on a machine without a GPU set TRITON_INTERPRET=1 before importing it.
 The PyTorch reference of the fused gates is llm_lru.kernels.gates (no triton import).
