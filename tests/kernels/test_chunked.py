@@ -243,3 +243,24 @@ def test_mixed_dtypes_and_strided_inputs():
         assert h.dtype == rh.dtype == F64
         torch.testing.assert_close(h, rh)
         torch.testing.assert_close(last, rlast)
+
+
+def test_backward_keeps_no_per_step_graph():
+    """One autograd node per scan, straight onto the inputs, saving no more than inputs and outputs."""
+    gen = torch.Generator().manual_seed(14)
+    B, T, N, m = 2, 40, 3, 2
+    A = stable(B, T, N, m, m, gen=gen).requires_grad_()
+    u = torch.randn(B, T, N, m, dtype=F64, generator=gen, requires_grad=True)
+    h0 = torch.randn(B, N, m, dtype=F64, generator=gen, requires_grad=True)
+    a, x = stable(B, T, N, m, gen=gen).requires_grad_(), u[..., 0].detach().requires_grad_()
+    ad, hd = A[..., 0, 0].detach().requires_grad_(), h0[..., 0].detach().requires_grad_()
+    runs = [(chunked.block_scan_chunked(A, u, h0)[0], (A, u, h0)),
+            (chunked.diag_scan_chunked(ad, x, hd)[0], (ad, x, hd)),
+            (chunked.companion_scan_chunked(a, x, h0)[0], (a, x, h0))]
+    for out, leaves in runs:
+        node = out.grad_fn
+        nexts = [f for f, _ in node.next_functions if f is not None]
+        assert all(type(f).__name__ == "AccumulateGrad" for f in nexts), nexts
+        assert {id(f.variable) for f in nexts} == {id(v) for v in leaves}
+        saved = sum(t.numel() for t in node.saved_tensors if t is not None)
+        assert saved <= sum(v.numel() for v in leaves) + out.numel()
