@@ -3,21 +3,25 @@
 Pipeline: tasks (corpus.py) are read and tokenized by a pool of worker processes; results come
 back in task order (`imap`), so the single packer in the main process sees the same documents in
 the same order whatever the worker count, and the shards are byte-identical for the same inputs
-and seed. Documents are joined as `doc EOS doc EOS ...` and cut into non-overlapping samples of
+and seed. Shard writes (tar + sha256, the costly part at short seq_len) go to the same pool.
+Documents are joined as `doc EOS doc EOS ...` and cut into non-overlapping samples of
 seq_len + 1 tokens; a trailing remainder shorter than a sample is dropped (and counted).
 
-Resume: after every task that completed a shard, the packer's pending tokens go to
-`.prep_pending-N.npz` and the position to `.prep_state.json`; a rerun of the same command starts
-at the next task and keeps the finished shards (checked by sha256). The granularity is one task
-(about 1 MB of input), so at most the shards of one task are written again, identically.
+Resume: after a task that completed a shard (at most every SAVE_EVERY_S), the samples not yet in
+a finished shard go to `.prep_pending-N.npz` and the position to `.prep_state.json`; a rerun of
+the same command starts at the next task and keeps the finished shards (checked by sha256).
+Shards written after the last save are written again, identically.
 """
 from __future__ import annotations
 
 import io
+import itertools
 import multiprocessing as mp
 import os
 import shlex
 import sys
+import time
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -30,6 +34,7 @@ from llm_lru.data_prep.tokenizer import (LoadedTokenizer, from_path, load_tokeni
                                          save_tokenizer, sha256_file)
 
 STATE = ".prep_state.json"
+SAVE_EVERY_S = 10.0     # resume state at most this often (it holds up to a few shards of samples)
 SPLITS = ("train", "val")
 
 
@@ -103,61 +108,100 @@ class Packer:
         return toks[: k * self.n].reshape(k, self.n), sts[: k * self.n].reshape(k, self.n)
 
 
-class SplitWriter:
-    """Collects samples of one split and writes a shard every `shard_size` samples."""
+def _write_job(path: str, first_index: int, toks: np.ndarray, sts: np.ndarray) -> Dict[str, Any]:
+    """Write one shard and return its manifest record (runs in a worker when there is a pool)."""
+    p = Path(path)
+    write_shard(p, first_index, toks, [np.flatnonzero(s) for s in sts])
+    return {"name": p.name, "samples": int(len(toks)), "tokens": int(toks.size),
+            "documents": int(sts.sum()), "bytes": p.stat().st_size, "sha256": sha256_file(p)}
 
-    def __init__(self, out: Path, split: str, shard_size: int, seq_len: int, dtype: np.dtype):
+
+class _Done:
+    """A finished future, for writes done in-process."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def ready(self) -> bool:
+        return True
+
+    def get(self):
+        return self.value
+
+
+class SplitWriter:
+    """Collects samples of one split and writes a shard every `shard_size` samples.
+
+    Writes (tar + sha256, the costly part of packing) go to `submit` - the worker pool when
+    there is one - and at most `max_inflight` are outstanding; records are kept in shard order.
+    """
+
+    def __init__(self, out: Path, split: str, shard_size: int, seq_len: int, dtype: np.dtype,
+                 submit=None, max_inflight: int = 2):
         self.out, self.split, self.shard_size = out, split, shard_size
+        self.submit = submit or (lambda fn, args: _Done(fn(*args)))
+        self.max_inflight = max_inflight
         # Pending samples as a list of blocks: concatenating per document would copy a whole
         # shard's worth of tokens for every small document.
         self._tok: List[np.ndarray] = [np.empty((0, seq_len + 1), dtype)]
         self._st: List[np.ndarray] = [np.empty((0, seq_len + 1), bool)]
         self.pending = 0
-        self.shards: List[Dict[str, Any]] = []
+        self.inflight: "deque[Tuple[np.ndarray, np.ndarray, Any]]" = deque()
+        self.shards: List[Dict[str, Any]] = []     # finished, in order
+        self.assigned = 0                          # shards handed to submit
+        self.next_index = 0                        # samples handed to submit
 
-    @property
-    def samples_written(self) -> int:
-        return sum(s["samples"] for s in self.shards)
+    def _blocks(self) -> Tuple[np.ndarray, np.ndarray]:
+        return np.concatenate(self._tok), np.concatenate(self._st)
 
-    @property
-    def tokens(self) -> np.ndarray:
-        return np.concatenate(self._tok)
+    def unwritten(self) -> Tuple[np.ndarray, np.ndarray]:
+        """Samples not yet in a finished shard (in-flight shards, then pending): resume state."""
+        toks, sts = self._blocks()
+        return (np.concatenate([t for t, _, _ in self.inflight] + [toks]),
+                np.concatenate([s for _, s, _ in self.inflight] + [sts]))
 
-    @property
-    def starts(self) -> np.ndarray:
-        return np.concatenate(self._st)
-
-    def restore(self, tokens: np.ndarray, starts: np.ndarray) -> None:
+    def restore(self, tokens: np.ndarray, starts: np.ndarray, shards: List[Dict[str, Any]]) -> None:
         self._tok, self._st, self.pending = [tokens], [starts], len(tokens)
+        self.shards = list(shards)
+        self.assigned = len(shards)
+        self.next_index = sum(s["samples"] for s in shards)
 
     def add(self, tokens: np.ndarray, starts: np.ndarray) -> int:
-        """Queue samples; write full shards. Returns the number of shards written."""
+        """Queue samples; hand out full shards. Returns the number of shards handed out."""
         if len(tokens):
             self._tok.append(tokens)
             self._st.append(starts)
             self.pending += len(tokens)
         n = 0
         if self.pending >= self.shard_size:
-            toks, sts = self.tokens, self.starts
+            toks, sts = self._blocks()
             while len(toks) >= self.shard_size:
                 self._write(toks[: self.shard_size], sts[: self.shard_size])
                 toks, sts = toks[self.shard_size:], sts[self.shard_size:]
                 n += 1
-            self.restore(toks, sts)
+            self._tok, self._st, self.pending = [toks], [sts], len(toks)
+        self.collect()
         return n
 
     def flush(self) -> None:
+        """Hand out the last, partial shard and wait for every write."""
         if self.pending:
-            self._write(self.tokens, self.starts)
-            self.restore(self.tokens[:0], self.starts[:0])
+            toks, sts = self._blocks()
+            self._write(toks, sts)
+            self._tok, self._st, self.pending = [toks[:0]], [sts[:0]], 0
+        self.collect(wait=True)
+
+    def collect(self, wait: bool = False) -> None:
+        """Move finished writes (in order) to `shards`; block while too many are outstanding."""
+        while self.inflight and (wait or self.inflight[0][2].ready() or len(self.inflight) > self.max_inflight):
+            self.shards.append(self.inflight.popleft()[2].get())
 
     def _write(self, toks: np.ndarray, sts: np.ndarray) -> None:
-        name = shard_name(self.split, len(self.shards))
-        path = self.out / name
-        write_shard(path, self.samples_written, toks, [np.flatnonzero(s) for s in sts])
-        self.shards.append({"name": name, "samples": int(len(toks)), "tokens": int(toks.size),
-                            "documents": int(sts.sum()), "bytes": path.stat().st_size,
-                            "sha256": sha256_file(path)})
+        path = self.out / shard_name(self.split, self.assigned)
+        fut = self.submit(_write_job, (str(path), self.next_index, toks, sts))
+        self.inflight.append((toks, sts, fut))
+        self.assigned += 1
+        self.next_index += len(toks)
 
 
 # ---- worker side: read and tokenize one task -----------------------------------------------
@@ -306,9 +350,8 @@ def _run(cfg: PrepConfig, conf: Dict[str, Any], out: Path, tasks: List[corpus.Ta
                 if not (out / rec["name"]).is_file() or sha256_file(out / rec["name"]) != rec["sha256"]:
                     raise ValueError(f"{out / rec['name']}: finished shard is missing or changed since the "
                                      f"interrupted run; delete {out} and run again")
-            writers[s].shards = list(state["shards"][s])
             packers[s].tokens, packers[s].starts = pend[f"{s}_ptok"], pend[f"{s}_pst"]
-            writers[s].restore(pend[f"{s}_wtok"], pend[f"{s}_wst"])
+            writers[s].restore(pend[f"{s}_wtok"], pend[f"{s}_wst"], state["shards"][s])
     jobs = ((i, tasks[i], cfg.text_field, cfg.seed, cfg.val_fraction) for i in range(start, len(tasks)))
     bar = None
     if progress:
@@ -318,29 +361,35 @@ def _run(cfg: PrepConfig, conf: Dict[str, Any], out: Path, tasks: List[corpus.Ta
     tok_file = str(out / "tokenizer.json")
     pool = None
     if workers > 1:
-        # fork: workers start in milliseconds; they only read files and run the tokenizer.
+        # fork: workers start in milliseconds; they read and tokenize tasks and write shards.
         ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
         pool = ctx.Pool(workers, initializer=_init_worker, initargs=(tok_file, tok.kind))
-        results = pool.imap(_work, jobs, chunksize=1)
+        results = _bounded_imap(pool, _work, jobs, 2 * workers)
+        for w in writers.values():
+            w.submit, w.max_inflight = pool.apply_async, workers
     else:
         _init_worker(tok_file, tok.kind)
         results = map(_work, jobs)
     pending_n = state["pending_n"] + 1 if state else 0
+    saved_shards = sum(len(w.shards) for w in writers.values())
+    last_save = time.monotonic()
     try:
         for index, docs, st, bad in results:
-            wrote = 0
             for is_val, ids in docs:
                 split = "val" if is_val else "train"
-                wrote += writers[split].add(*packers[split].add(ids))
+                writers[split].add(*packers[split].add(ids))
             stats["documents"] += len(docs)
             for k in ("bytes", "bad_records", "empty_documents"):
                 stats[k] += st[k]
             stats["bad_files"] += bad
             if bar:
                 bar.update(tasks[index].size)
-            if wrote and index + 1 < len(tasks):
+            finished = sum(len(w.shards) for w in writers.values())
+            if index + 1 < len(tasks) and finished > saved_shards and time.monotonic() - last_save > SAVE_EVERY_S:
                 _save_state(out, conf, command, tok_rec, index + 1, stats, packers, writers, pending_n)
-                pending_n += 1
+                pending_n, saved_shards, last_save = pending_n + 1, finished, time.monotonic()
+        for w in writers.values():
+            w.flush()
     finally:
         if pool:
             pool.terminate()
@@ -349,12 +398,25 @@ def _run(cfg: PrepConfig, conf: Dict[str, Any], out: Path, tasks: List[corpus.Ta
     return _finish(cfg, conf, out, command, tok_rec, dtype, stats, packers, writers)
 
 
+def _bounded_imap(pool, fn, jobs, depth: int):
+    """pool.imap in order, with at most `depth` jobs outstanding: Pool.imap queues every job at
+    once, and results would pile up in memory whenever packing is slower than tokenizing."""
+    jobs = iter(jobs)
+    q = deque(pool.apply_async(fn, (j,)) for j in itertools.islice(jobs, depth))
+    while q:
+        r = q.popleft().get()
+        for j in itertools.islice(jobs, 1):
+            q.append(pool.apply_async(fn, (j,)))
+        yield r
+
+
 def _save_state(out, conf, command, tok_rec, next_task, stats, packers, writers, n) -> None:
     name = f".prep_pending-{n:06d}.npz"
     arrays = {}
     for s in SPLITS:
+        wtok, wst = writers[s].unwritten()
         arrays.update({f"{s}_ptok": packers[s].tokens, f"{s}_pst": packers[s].starts,
-                       f"{s}_wtok": writers[s].tokens, f"{s}_wst": writers[s].starts})
+                       f"{s}_wtok": wtok, f"{s}_wst": wst})
     tmp = out / (name + ".tmp")
     with open(tmp, "wb") as f:
         np.savez(f, **arrays)
@@ -371,8 +433,6 @@ def _finish(cfg, conf, out, command, tok_rec, dtype, stats, packers, writers) ->
     if stats["documents"] == 0:
         raise ValueError(f"empty corpus: no documents could be read ({len(stats['bad_files'])} bad files, "
                          f"{stats['bad_records']} bad records, {stats['empty_documents']} empty documents)")
-    for s in SPLITS:
-        writers[s].flush()
     if not writers["train"].shards:
         raise ValueError(f"corpus too small: {sum(len(p.tokens) for p in packers.values())} tokens make "
                          f"no sample of --seq-len {cfg.seq_len} + 1 tokens")
