@@ -1,0 +1,267 @@
+"""The training loop: model + SP wrap + DeepSpeed engine + loader + checkpoints + logs.
+
+    result = train(cfg)     # inside an initialised torch.distributed world (see cli.py)
+
+One optimizer step = grad_accum micro batches per rank. The loss each rank backpropagates is
+scaled so that DeepSpeed's gradient average over all ranks (dp x sp) and its 1/grad_accum
+scaling give exactly the gradient of the mean over every valid token of the global batch,
+whatever the split into ranks, slices and micro batches.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from llm_lru.config import RunConfig, check_world, save_config
+from llm_lru.parallel import build_mesh, parallelize, sp_dp_loss
+from llm_lru.train import checkpoint as ckpt_lib
+from llm_lru.train.engine import batch_geometry, build_engine, lr_at, resolve_precision, set_lr
+from llm_lru.train.monitor import Monitor, flops_per_token, memory_gb, peak_flops
+
+
+class TooManyBadSteps(RuntimeError):
+    """train.max_bad_steps consecutive non-finite losses: the run stops, checkpoints untouched."""
+
+
+@dataclasses.dataclass
+class TrainState:
+    step: int = 0            # optimizer steps attempted (skipped ones included)
+    tokens: int = 0          # global input tokens consumed
+    bad_in_row: int = 0
+    bad_total: int = 0
+
+
+# --- seams (replaced by tests or by later pieces of the project) ---------------------------
+
+def build_model(cfg: RunConfig) -> torch.nn.Module:
+    """The hybrid LM of cfg.model (vocab_size already resolved)."""
+    from llm_lru.models import HybridLM
+
+    return HybridLM(cfg.model)
+
+
+def make_loader(cfg: RunConfig, split: str, dp_rank: int, dp_size: int, sp_rank: int, sp_size: int,
+                batch_size: int):
+    """The data issue's loader: dicts of input_ids / labels / doc_start, cut to this SP slice."""
+    from llm_lru.data_prep import build_loader
+
+    return build_loader(cfg, split=split, dp_rank=dp_rank, dp_size=dp_size, sp_rank=sp_rank,
+                        sp_size=sp_size, batch_size=batch_size)
+
+
+# --- the loop ------------------------------------------------------------------------------
+
+def _next(it_holder: List[Iterator], loader) -> Dict[str, torch.Tensor]:
+    try:
+        return next(it_holder[0])
+    except StopIteration:  # a finite loader: start its next epoch
+        it_holder[0] = iter(loader)
+        return next(it_holder[0])
+
+
+def _forward(engine, batch: Dict[str, torch.Tensor], mesh, device) -> torch.Tensor:
+    """Logits (B, T_local, V) of this rank's slice, at its global positions."""
+    ids = batch["input_ids"].to(device)
+    return engine(ids, doc_start=batch["doc_start"].to(device), pos_offset=mesh.pos_offset(ids.shape[1]))
+
+
+def _loss(engine, batch, mesh, device, num_tokens: float, grad_average_size: int):
+    """(loss_to_backward, global loss value) of one micro batch: see llm_lru.parallel.loss."""
+    logits = _forward(engine, batch, mesh, device)
+    return sp_dp_loss(logits, batch["labels"].to(device), mesh, num_tokens=num_tokens,
+                      grad_average_size=grad_average_size)
+
+
+def _all_sum(values: List[float], device) -> List[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _stage0_grad_norm(engine, cfg: RunConfig) -> Optional[float]:
+    """Pre-clip norm of the averaged gradients at ZeRO-0 in fp32, where DeepSpeed keeps none."""
+    if cfg.deepspeed.zero_stage != 0 or engine.bfloat16_enabled():
+        return None
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+
+def evaluate(engine, cfg: RunConfig, mesh, micro: int, device) -> float:
+    """Global token-mean loss over train.val_batches batches of the validation split."""
+    loader = make_loader(cfg, "val", mesh.dp_rank, mesh.dp, mesh.sp_rank, mesh.sp, micro)
+    engine.eval()
+    total = count = 0.0
+    with torch.no_grad():
+        for _, batch in zip(range(cfg.train.val_batches), loader):
+            logits = _forward(engine, batch, mesh, device)
+            labels = batch["labels"].to(device)
+            total += F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                     ignore_index=-100, reduction="sum").item()
+            count += (labels != -100).sum().item()
+    engine.train()
+    total, count = _all_sum([total, count], device)
+    return total / max(count, 1.0)
+
+
+def save_checkpoint(engine, cfg: RunConfig, state: TrainState, loader, mesh) -> Path:
+    """Write checkpoints/step_N (see checkpoint.py for the layout), mark it complete, prune."""
+    root = Path(cfg.out_dir) / ckpt_lib.CKPT_DIR
+    ckpt = root / ckpt_lib.checkpoint_name(state.step)
+    rank = dist.get_rank()
+    if rank == 0:
+        if ckpt.exists():  # a partial save of the same step from a crashed attempt
+            import shutil
+
+            shutil.rmtree(ckpt)
+        ckpt.mkdir(parents=True)
+    dist.barrier()
+    engine.save_checkpoint(str(ckpt / ckpt_lib.DS_SUBDIR), tag=ckpt_lib.DS_TAG)
+    rf = ckpt_lib.rank_file(ckpt, rank)
+    rf.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"loader": loader.state_dict(), "rng": ckpt_lib.rng_state(), "state": dataclasses.asdict(state),
+                "world_size": dist.get_world_size()}, rf)
+    if rank == 0:
+        save_config(cfg, ckpt / "config.yaml")
+        meta = {"step": state.step, "tokens": state.tokens, "world_size": dist.get_world_size(),
+                "dp": mesh.dp, "sp": cfg.parallel.sp, "zero_stage": cfg.deepspeed.zero_stage,
+                "precision": resolve_precision(cfg.train), "ds_dir": ckpt_lib.DS_SUBDIR, "ds_tag": ckpt_lib.DS_TAG,
+                "data_path": cfg.data.path,
+                "manifest": str(Path(cfg.data.path) / "manifest.json") if cfg.data.path else ""}
+        (ckpt / "meta.json").write_text(json.dumps(meta, indent=1))
+    dist.barrier()
+    if rank == 0:
+        ckpt_lib.mark_complete(ckpt, state.step)
+        ckpt_lib.prune(root, cfg.checkpoint.keep)
+    dist.barrier()
+    return ckpt
+
+
+def resume_path(cfg: RunConfig) -> Optional[Path]:
+    """The checkpoint to resume from per checkpoint.resume (auto | none | PATH), decided on rank 0."""
+    choice = [None]
+    if dist.get_rank() == 0:
+        r = cfg.checkpoint.resume
+        if r == "auto":
+            found = ckpt_lib.latest_complete(Path(cfg.out_dir) / ckpt_lib.CKPT_DIR)
+            choice[0] = str(found) if found else None
+        elif r != "none":
+            choice[0] = str(ckpt_lib.find_checkpoint(r))
+    dist.broadcast_object_list(choice, src=0)
+    return Path(choice[0]) if choice[0] else None
+
+
+def load_checkpoint(engine, ckpt: Path, loader) -> TrainState:
+    """Restore engine (weights + optimizer), this rank's loader position and RNG states."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    saved = torch.load(ckpt_lib.rank_file(ckpt, rank), weights_only=False) if ckpt_lib.rank_file(ckpt, rank).exists() else None
+    if saved is None or saved["world_size"] != world:
+        raise ValueError(f"checkpoint.resume: {ckpt} was written by a world of "
+                         f"{saved['world_size'] if saved else 'another size'}, this run has {world} ranks; "
+                         "resume at the same world size (or consolidate it with zero_to_fp32 and start anew)")
+    path, _ = engine.load_checkpoint(str(ckpt / ckpt_lib.DS_SUBDIR), tag=ckpt_lib.DS_TAG,
+                                     load_optimizer_states=True, load_lr_scheduler_states=False)
+    if path is None:
+        raise ValueError(f"checkpoint.resume: DeepSpeed could not load {ckpt / ckpt_lib.DS_SUBDIR}")
+    loader.load_state_dict(saved["loader"])
+    ckpt_lib.set_rng_state(saved["rng"])
+    return TrainState(**saved["state"])
+
+
+def train(cfg: RunConfig) -> Dict[str, Any]:
+    """Train per cfg in the current torch.distributed world; returns a summary dict.
+
+    Raises TooManyBadSteps after train.max_bad_steps non-finite losses in a row.
+    """
+    rank, world = dist.get_rank(), dist.get_world_size()
+    dp, micro, gas = batch_geometry(cfg, world)
+    check_world(cfg, world)
+    sp = cfg.parallel.sp
+    mesh = build_mesh(sp)
+    run_dir = Path(cfg.out_dir)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+
+    # Same seed everywhere: identical initial weights on every rank (DeepSpeed also broadcasts).
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg)
+    n_params = sum(p.numel() for p in model.parameters())
+    if sp > 1:
+        model = parallelize(model, mesh, carry=cfg.parallel.carry)
+    engine, optimizer = build_engine(model, cfg, world)
+    device = engine.device
+    # Per-rank streams from here on (dropout-free today, but samplers and future noise differ).
+    torch.manual_seed(cfg.train.seed + 1 + rank)
+
+    loader = make_loader(cfg, "train", mesh.dp_rank, dp, mesh.sp_rank, sp, micro)
+    state = TrainState()
+    ckpt = resume_path(cfg)
+    if ckpt is not None:
+        state = load_checkpoint(engine, ckpt, loader)
+    mon = Monitor(cfg, run_dir, state.step, enabled=rank == 0)
+    if ckpt is not None:
+        mon.message(f"resumed from {ckpt} at step {state.step}")
+    mon.message(f"world {world} = dp {dp} x sp {sp}, ZeRO-{cfg.deepspeed.zero_stage}, "
+                f"{resolve_precision(cfg.train)}, micro {micro} x accum {gas}, {n_params / 1e6:.2f}M params")
+    fpt = flops_per_token(cfg.model, n_params, cfg.train.seq_len)
+    peak = peak_flops()
+    it = [iter(loader)]
+    last_ckpt = ckpt
+    step_tokens = cfg.train.global_batch_size * cfg.train.seq_len
+    try:
+        while state.step < cfg.train.max_steps:
+            t0 = time.time()
+            batches = [_next(it, loader) for _ in range(gas)]
+            valid = float(sum((b["labels"] != -100).sum().item() for b in batches))
+            (n_valid,) = _all_sum([valid], device) if world > 1 else (valid,)
+            set_lr(optimizer, lr_at(cfg.train, state.step))
+            loss_value = 0.0
+            for b in batches:
+                # DeepSpeed divides by gas and averages over the world: scale the loss by both.
+                loss, value = _loss(engine, b, mesh, device, n_valid, world * gas)
+                loss_value += value.item()  # already all-reduced: every rank sees the same NaN
+                engine.backward(loss)
+                if b is batches[-1]:
+                    bad = not math.isfinite(loss_value)
+                    optimizer.skip_next = bad  # the same on every rank: ZeRO's collectives still run
+                    grad_norm = _stage0_grad_norm(engine, cfg)
+                engine.step()
+            state.step += 1
+            state.tokens += step_tokens
+            dt = time.time() - t0
+            rec: Dict[str, Any] = {"lr": lr_at(cfg.train, state.step - 1), "tokens": state.tokens,
+                                   "tokens_per_s": step_tokens / dt, "step_time": dt}
+            if bad:
+                state.bad_in_row += 1
+                state.bad_total += 1
+                rec.update(loss=None, skipped=True, bad_steps=state.bad_total)
+            else:
+                state.bad_in_row = 0
+                gn = grad_norm if grad_norm is not None else engine.get_global_grad_norm()
+                rec.update(loss=loss_value, grad_norm=float(gn) if gn is not None else None,
+                           bad_steps=state.bad_total)
+            rec["memory_gb"] = memory_gb()
+            if peak:
+                rec["mfu"] = rec["tokens_per_s"] * fpt / (peak * world)
+            if cfg.train.val_every and state.step % cfg.train.val_every == 0:
+                rec["val_loss"] = evaluate(engine, cfg, mesh, micro, device)
+            mon.log(state.step, rec)
+            if state.bad_in_row >= cfg.train.max_bad_steps:
+                raise TooManyBadSteps(
+                    f"{state.bad_in_row} non-finite losses in a row (train.max_bad_steps={cfg.train.max_bad_steps}) "
+                    f"at step {state.step}; last good checkpoint: {last_ckpt or 'none'}")
+            every = cfg.checkpoint.every
+            if (every and state.step % every == 0 and state.bad_in_row == 0) or state.step == cfg.train.max_steps:
+                last_ckpt = save_checkpoint(engine, cfg, state, loader, mesh)
+    finally:
+        mon.close()
+    return {"step": state.step, "tokens": state.tokens, "bad_steps": state.bad_total,
+            "checkpoint": str(last_ckpt) if last_ckpt else None}

@@ -1,0 +1,170 @@
+"""Module-level rank functions for the training tests (run_world needs picklable functions)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def use_fakes():
+    """Route the trainer's model/loader seams to the stand-ins in fakes.py."""
+    from llm_lru.train import trainer
+    from tests.train import fakes
+
+    trainer.build_model = lambda cfg: fakes.TinyLM(cfg.model.vocab_size)
+    trainer.make_loader = fakes.RandomLoader
+
+
+def tiny_cfg(out, **over):
+    """A seconds-long CPU run config; `over` is a nested dict merged on top."""
+    from llm_lru.config import from_dict
+    from omegaconf import OmegaConf
+
+    base = {"out_dir": str(out), "model": {"vocab_size": 64}, "data": {"source": "random"},
+            "train": {"seq_len": 16, "global_batch_size": 4, "micro_batch_size": 1, "max_steps": 4,
+                      "warmup_steps": 1},
+            "logging": {"tensorboard": False, "progress": "lines"}}
+    merged = OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(base), OmegaConf.create(over)))
+    return from_dict(merged)
+
+
+def metrics(out):
+    return [json.loads(line) for line in open(Path(out) / "metrics.jsonl")]
+
+
+def train_runs(rank, world, runs):
+    """Train each (out_dir, overrides) in turn in this world; rank 0 returns their metrics."""
+    from llm_lru.train import trainer
+
+    use_fakes()
+    results = []
+    for out, over in runs:
+        try:
+            summary = trainer.train(tiny_cfg(out, **over))
+        except trainer.TooManyBadSteps as e:
+            summary = {"error": str(e)}
+        results.append({"summary": summary, "metrics": metrics(out) if rank == 0 else None})
+    return results
+
+
+class Crash(RuntimeError):
+    """Raised by a loader wrapper to simulate a process dying mid-run."""
+
+
+def crashing_loader(after_batches):
+    """Wrap trainer.make_loader so that the train split raises Crash after `after_batches` batches."""
+    from llm_lru.train import trainer
+
+    inner = trainer.make_loader
+
+    class Wrapped:
+        def __init__(self, loader):
+            self.loader = loader
+
+        def state_dict(self):
+            return self.loader.state_dict()
+
+        def load_state_dict(self, s):
+            self.loader.load_state_dict(s)
+
+        def __iter__(self):
+            for i, b in enumerate(self.loader):
+                if i >= after_batches:
+                    raise Crash(f"simulated crash after {after_batches} batches")
+                yield b
+
+    def make(cfg, split, *a, **k):
+        loader = inner(cfg, split, *a, **k)
+        return Wrapped(loader) if split == "train" else loader
+
+    trainer.make_loader = make
+    return lambda: setattr(trainer, "make_loader", inner)
+
+
+def nan_at(steps, gas):
+    """Make the loss non-finite at the given 1-based optimizer steps (every micro batch of them)."""
+    from llm_lru.train import trainer
+
+    inner = trainer._loss
+    calls = [0]
+
+    def loss(*a, **k):
+        step = calls[0] // gas + 1
+        calls[0] += 1
+        out, value = inner(*a, **k)
+        if step in steps:
+            return out * float("nan"), value * float("nan")
+        return out, value
+
+    trainer._loss = loss
+    return lambda: setattr(trainer, "_loss", inner)
+
+
+def _state_dict(ckpt):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return {k: v.detach().clone() for k, v in get_fp32_state_dict_from_zero_checkpoint(str(Path(ckpt) / "ds")).items()}
+
+
+def scenarios(rank, world, root):
+    """Everything the default 2-process tests check, in one world (process start-up is the cost).
+
+    Returns (rank 0) a dict of metrics / facts per scenario.
+    """
+    import warnings
+
+    from llm_lru.train import trainer
+
+    use_fakes()
+    root = Path(root)
+    out = {}
+
+    def run(name, **over):
+        cfg = tiny_cfg(root / name, **over)
+        try:
+            summary = trainer.train(cfg)
+        except (trainer.TooManyBadSteps, Crash) as e:
+            summary = {"error": f"{type(e).__name__}: {e}"}
+        out[name] = {"summary": summary, "metrics": metrics(root / name) if rank == 0 else None}
+        return cfg
+
+    # ZeRO stages: same losses and grad norms as stage 0.
+    for stage in (0, 1, 2, 3):
+        run(f"stage{stage}", deepspeed={"zero_stage": stage})
+
+    # NaN: constant LR, so that the skipped step can be compared with a run that stops before it.
+    const = {"lr": 1e-2, "min_lr": 1e-2, "warmup_steps": 0}
+    gas = 2  # tiny_cfg: global 4 / dp 2 / micro 1
+    undo = nan_at({2}, gas)
+    run("nan", train={**const, "max_steps": 2}, deepspeed={"zero_stage": 1})
+    undo()
+    run("nan_ref", train={**const, "max_steps": 1}, deepspeed={"zero_stage": 1})
+    undo = nan_at(set(range(2, 100)), gas)
+    run("nan_stop", train={**const, "max_steps": 10, "max_bad_steps": 2}, checkpoint={"every": 1, "keep": 2},
+        deepspeed={"zero_stage": 1})
+    undo()
+    if rank == 0:
+        out["nan_sd"] = {"after_skip": _state_dict(root / "nan/checkpoints/step_00000002"),
+                         "before": _state_dict(root / "nan_ref/checkpoints/step_00000001")}
+        ck = root / "nan_stop/checkpoints"
+        out["nan_stop_ckpts"] = {"dirs": sorted(p.name for p in ck.iterdir()), "latest": (ck / "latest").read_text().strip()}
+
+    # Resume: crash during step 5, a partial step-4 checkpoint left behind, resume=auto.
+    resume_cfg = dict(train={"max_steps": 6}, checkpoint={"every": 3, "keep": 2}, deepspeed={"zero_stage": 2})
+    run("uninterrupted", **resume_cfg)
+    undo = crashing_loader(after_batches=4 * gas)
+    run("resumed", **resume_cfg)
+    undo()
+    if rank == 0:
+        import shutil
+
+        ck = root / "resumed/checkpoints"
+        shutil.copytree(ck / "step_00000003", ck / "step_00000004")
+        (ck / "step_00000004" / "COMPLETE").unlink()
+    from torch import distributed as dist
+
+    dist.barrier()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run("resumed", **resume_cfg)
+    out["resume_warnings"] = [str(w.message) for w in caught if "skipping checkpoint" in str(w.message)]
+    return out
