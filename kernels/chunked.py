@@ -247,30 +247,41 @@ def block_scan_chunked(A: Tensor, u: Tensor, h0: Optional[Tensor] = None, revers
 # Diagonal scan (m = 1): the same three phases, elementwise.
 
 def _diag_core(a: Tensor, u: Tensor, h0: Optional[Tensor], reverse: bool, C: int, shift: int = 0) -> Tensor:
-    """Chunked h_t = a_t h_{t-1} + u_t without autograd; step t uses a[:, t + shift] (1 outside)."""
+    """Chunked h_t = a_t h_{t-1} + u_t without autograd; step t uses a[:, t + shift] (1 outside).
+
+    Scalars need no cumulative products per step (memory traffic is the cost here): pass 1 keeps
+    only each chunk's end state from zero, the chunk transition is one `prod`, and after the carries
+    pass 2 rescans every chunk from its carry, writing the states straight into the output.
+    """
     B, T, N = u.shape
     dt = acc_dtype(a, u, h0)
     nc = -(-T // C)
     ac = _chunk(a, C, nc, 1.0, dt, shift)  # (C, B, nc, N)
     uc = _chunk(u, C, nc, 0.0, dt)
-    P = torch.empty_like(ac)  # cumulative transition inside the chunk
-    L = torch.empty_like(uc)  # local state from a zero start
     steps, chunks = _orders(C, nc, reverse)
-    P[steps[0]], L[steps[0]] = ac[steps[0]], uc[steps[0]]
-    prev = steps[0]
-    for t in steps[1:]:
-        torch.mul(ac[t], P[prev], out=P[t])
-        torch.addcmul(uc[t], ac[t], L[prev], out=L[t])
-        prev = t
-    del ac, uc
-    if nc == 1 and h0 is None:
-        return _unchunk(L, T)
-    hin = torch.zeros((nc, B, N), dtype=dt, device=u.device)
-    if h0 is not None:
-        hin[chunks[0]] = h0
-    for c0, c in zip(chunks[:-1], chunks[1:]):
-        torch.addcmul(L[prev, :, c0], P[prev, :, c0], hin[c0], out=hin[c])
-    return _unchunk(L.addcmul_(P, hin.transpose(0, 1)), T)
+    h = None
+    if nc > 1 or h0 is not None:
+        s, spare = uc[steps[0]].clone(), torch.empty_like(uc[0])
+        for t in steps[1:]:
+            torch.addcmul(uc[t], ac[t], s, out=spare)
+            s, spare = spare, s
+        P = ac.prod(0)  # (B, nc, N), exact with zeros (no division)
+        hin = torch.zeros((nc, B, N), dtype=dt, device=u.device)
+        if h0 is not None:
+            hin[chunks[0]] = h0
+        for c0, c in zip(chunks[:-1], chunks[1:]):
+            torch.addcmul(s[:, c0], P[:, c0], hin[c0], out=hin[c])
+        h = hin.transpose(0, 1)
+    out = torch.empty((B, nc, C, N), dtype=dt, device=u.device)
+    first = steps[0]
+    if h is None:
+        out[:, :, first] = uc[first]
+    else:
+        torch.addcmul(uc[first], ac[first], h, out=out[:, :, first])
+    for prev, t in zip(steps[:-1], steps[1:]):
+        torch.addcmul(uc[t], ac[t], out[:, :, prev], out=out[:, :, t])
+    out = out.view(B, nc * C, N)
+    return out if nc * C == T else out[:, :T].contiguous()
 
 
 class _DiagScanFn(torch.autograd.Function):
