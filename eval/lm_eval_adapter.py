@@ -40,14 +40,14 @@ class LLMLRULM(LM):
             raise ValueError("lm_eval model_args: the model has no tokenizer; pass tokenizer=bytes|PREP_DIR|tokenizer.json")
         self.model, self.tok = target.model.eval(), target.tokenizer
         self.chunk_size, self.max_gen_toks = int(chunk_size), int(max_gen_toks)
-        self.device = self.model.embed.weight.device
+        self._device = self.model.embed.weight.device
 
     @property
     def tokenizer_name(self) -> str:
         return f"llm_lru-{getattr(self.tok, 'kind', 'tokenizer')}"
 
     def _ids(self, prefix: List[int]) -> torch.Tensor:
-        return torch.tensor([prefix], dtype=torch.long, device=self.device)
+        return torch.tensor([prefix], dtype=torch.long, device=self._device)
 
     def _score(self, ctx: List[int], cont: List[int]) -> Tuple[float, bool]:
         """Sum of log p(cont | ctx) and whether greedy decoding yields cont."""

@@ -6,8 +6,12 @@ name local task YAMLs with eval.lm_eval_include (datasets from local files).
 from __future__ import annotations
 
 import math
+import random
 from pathlib import Path
 from typing import Any, Dict
+
+import numpy as np
+import torch
 
 from .common import need_tokenizer, table
 
@@ -17,18 +21,29 @@ def run(target, ecfg, out: Path) -> Dict[str, Any]:
     if not ecfg.lm_eval_tasks:
         raise ValueError("eval.lm_eval_tasks: name at least one lm-eval task for suite 'lm-eval'")
     try:
-        from lm_eval import simple_evaluate
-        from lm_eval.tasks import TaskManager
+        from lm_eval.evaluator import evaluate
+        from lm_eval.tasks import TaskManager, get_task_dict
     except ImportError:
         raise ValueError("suite 'lm-eval' needs lm-evaluation-harness: pip install 'llm_lru[eval]'") from None
     from .lm_eval_adapter import LLMLRULM
 
     lm = LLMLRULM(target=target, chunk_size=ecfg.chunk_size)
-    tm = TaskManager(include_path=ecfg.lm_eval_include or None)
-    res = simple_evaluate(model=lm, tasks=list(ecfg.lm_eval_tasks), task_manager=tm,
-                          limit=ecfg.lm_eval_limit or None, random_seed=ecfg.seed, numpy_random_seed=ecfg.seed,
-                          torch_random_seed=ecfg.seed, fewshot_random_seed=ecfg.seed, log_samples=False,
-                          bootstrap_iters=0)
+    tasks = list(ecfg.lm_eval_tasks)
+    tm = None
+    if ecfg.lm_eval_include:
+        # Indexing lm-eval's ~14k built-in task files takes minutes on a small CPU: try the
+        # local folder alone first.
+        tm = TaskManager(include_path=ecfg.lm_eval_include, include_defaults=False)
+        if not set(tasks) <= set(tm.all_tasks):
+            tm = None
+    tm = tm or TaskManager(include_path=ecfg.lm_eval_include or None)
+    random.seed(ecfg.seed)
+    np.random.seed(ecfg.seed)
+    torch.manual_seed(ecfg.seed)
+    # evaluate() rather than simple_evaluate(): the latter also collects environment info
+    # (pip, GPU probes), ~20 s here, which the report does not need.
+    res = evaluate(lm=lm, task_dict=get_task_dict(tasks, tm), limit=ecfg.lm_eval_limit or None,
+                   bootstrap_iters=0, log_samples=False)
     rows, metrics = [], {}
     for task, vals in sorted(res["results"].items()):
         for key, v in sorted(vals.items()):
