@@ -13,8 +13,10 @@ its own last token:
 - 0 < window - 1 <= T: a halo of the previous rank's last window - 1 keys (one send / recv per
   neighbour, the key gradients sent back in backward); rank 0 needs none.
 Document masks stay exact because they only compare positions inside the keys passed.
-Only causal attention is supported under SP (a bidirectional encoder's queries are not the
-last keys, which the attend contract assumes).
+Bidirectional attention (causal=False, encoder stacks): this rank's queries are not the last
+keys, which the attend contract assumes, so q is all-gathered too, the whole sequence attended on
+every rank and this rank's rows kept (exact; K times the attention flops — encoders only).
+KV caches (Tk > Tq) are not supported under SP: chunked prefill runs with sp = 1.
 """
 from __future__ import annotations
 
@@ -83,13 +85,13 @@ class SPAttention:
                  window: int = 0, causal: bool = True) -> Tensor:
         if self.group is None or group_size(self.group) == 1:
             return self.inner(q, k, v, doc_start=doc_start, window=window, causal=causal)
-        if not causal:
-            raise ValueError("attend: causal=False is not supported under sequence parallelism (parallel.sp > 1)")
         T = q.shape[2]
         if k.shape[2] != T or v.shape[2] != T:
-            raise ValueError(f"attend under SP: k and v must cover the slice's {T} positions, got "
-                             f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+            raise ValueError(f"attend under SP: k and v must cover the slice's {T} positions (no KV cache "
+                             f"under sequence parallelism), got q {tuple(q.shape)}, k {tuple(k.shape)}")
         r = group_rank(self.group)
+        if not causal:
+            return self._bidirectional(q, k, v, doc_start, window, r)
         if window == 1:  # each query sees only itself: nothing to exchange
             return self.inner(q, k, v, doc_start=doc_start, window=window, causal=True)
         if 0 < window - 1 <= T:
@@ -107,6 +109,16 @@ class SPAttention:
             if doc_start is not None:
                 doc = torch.cat(all_gather(doc_start, self.group).unbind(0), 1)[:, lo:hi]
         return self.inner(q, k_all, v_all, doc_start=doc, window=window, causal=True)
+
+    def _bidirectional(self, q, k, v, doc_start, window, r):
+        """Every query attends to the whole gathered sequence; keep this rank's T rows."""
+        T = q.shape[2]
+        whole = lambda x: torch.cat(gather_autograd(x, self.group).unbind(0), 2)  # noqa: E731
+        doc = None
+        if doc_start is not None:
+            doc = torch.cat(all_gather(doc_start, self.group).unbind(0), 1)
+        out = self.inner(whole(q), whole(k), whole(v), doc_start=doc, window=window, causal=False)
+        return out[:, :, r * T:(r + 1) * T]
 
     def __repr__(self) -> str:
         return f"SPAttention({getattr(self.inner, '__name__', self.inner)!r})"

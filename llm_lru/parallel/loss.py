@@ -44,7 +44,7 @@ def sp_dp_loss(logits: Tensor, labels: Tensor, mesh: Optional[Mesh] = None, igno
     stats = torch.stack([total.detach(), count.to(total.dtype)])
     distributed = mesh is not None and mesh.is_distributed and dist.is_initialized()
     if distributed:
-        dist.all_reduce(stats)
+        dist.all_reduce(stats, group=mesh.world_group)
     world = mesh.world_size if distributed else 1
     tokens = float(num_tokens) if num_tokens is not None else float(stats[1].item())
     tokens = max(tokens, 1.0)  # a batch of ignored labels only: zero loss, zero gradient

@@ -35,7 +35,8 @@ class Mesh:
     """Who this process is in the dp x sp world, and the process groups to talk to its peers.
 
     sp_group / dp_group are None in a world of one; sp_ranks / dp_ranks are global ranks in
-    group order (sp_ranks[i] holds slice i of this SP group's sequences).
+    group order (sp_ranks[i] holds slice i of this SP group's sequences); world_group is the
+    group of the whole mesh (None: the default group).
     """
 
     world_size: int = 1
@@ -48,6 +49,7 @@ class Mesh:
     sp_ranks: List[int] = field(default_factory=lambda: [0])
     dp_ranks: List[int] = field(default_factory=lambda: [0])
     device_mesh: Optional[Any] = None
+    world_group: Optional[Any] = None
 
     @property
     def sp_rank(self) -> int:
@@ -70,6 +72,12 @@ class Mesh:
         if seq_len % self.sp:
             raise ValueError(f"{what}: sequence length {seq_len} is not divisible by parallel.sp={self.sp}")
         return seq_len // self.sp
+
+    def local_slice(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """This rank's contiguous slice of a whole sequence tensor along `dim` (time): (B, T, ...)
+        -> (B, T / sp, ...). Refuses a length that sp does not divide."""
+        t_local = self.check_length(x.shape[dim], f"tensor of shape {tuple(x.shape)} (dim {dim})")
+        return x.narrow(dim, self.sp_rank * t_local, t_local)
 
     def __repr__(self) -> str:
         return (f"Mesh(world={self.world_size}, dp={self.dp}, sp={self.sp}, rank={self.rank}, "

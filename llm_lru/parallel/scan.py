@@ -71,21 +71,48 @@ def apply_transposed(op: ScanOp, P: Tensor, g: Tensor) -> Tensor:
     return torch.autograd.grad(y, x, g)[0]
 
 
-class _Slice:
-    """This rank's slice scanned from carry c, with its autograd graph kept for the backward."""
+def _outer_hooks_active() -> bool:
+    """True inside activation checkpointing (or any saved-tensor hooks): the slice's graph must
+    then be rebuilt in backward, because a nested autograd.grad would re-trigger the
+    checkpoint's recomputation (and its collectives) on some ranks only."""
+    try:
+        return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+    except Exception:  # private API gone: keep the graph (shielded below), always correct
+        return False
 
-    def __init__(self, trans: Tensor, u: Tensor, build: bool):
-        self.build = build
-        self.trans = trans.detach().requires_grad_(build and trans.requires_grad)
-        self.u = u.detach().requires_grad_(build and u.requires_grad)
+
+class _Slice:
+    """This rank's slice scanned from carry c, and the autograd graph of that scan for backward.
+
+    keep=True builds the graph in forward (shielded from outer saved-tensor hooks); keep=False
+    runs the forward without a graph and `rebuild`s it in backward from the saved inputs and
+    carry (one more scan, none of its activations held between forward and backward).
+    """
+
+    def __init__(self, inner: ScanOp, reverse: bool, reset: Optional[Tensor], keep: bool):
+        self.inner, self.reverse, self.reset, self.keep = inner, reverse, reset, keep
         self.c: Optional[Tensor] = None
 
-    def run(self, inner: ScanOp, c: Optional[Tensor], c_grad: bool, reverse: bool, reset) -> Tuple[Tensor, Tensor]:
-        if c is not None:
-            self.c = c.detach().requires_grad_(self.build and c_grad)
-        with torch.set_grad_enabled(self.build):
-            self.h, self.h_last = inner(self.trans, self.u, self.c, reverse, reset)
-        return self.h.detach(), self.h_last.detach()
+    def run(self, trans: Tensor, u: Tensor, c: Optional[Tensor], c_grad: bool, build: bool) -> Tuple[Tensor, Tensor]:
+        """(h, h_last) of the slice from c; records the graph when build (and keep)."""
+        self.c_grad = build and c is not None and c_grad
+        if build and self.keep:
+            with torch.autograd.graph.saved_tensors_hooks(lambda x: x, lambda x: x):
+                self._build(trans, u, c)
+            return self.h.detach(), self.h_last.detach()
+        with torch.no_grad():
+            return self.inner(trans, u, c, self.reverse, self.reset)
+
+    def _build(self, trans: Tensor, u: Tensor, c: Optional[Tensor]) -> None:
+        self.trans = trans.detach().requires_grad_(trans.requires_grad)
+        self.u = u.detach().requires_grad_(u.requires_grad)
+        self.c = None if c is None else c.detach().requires_grad_(self.c_grad)
+        with torch.enable_grad():
+            self.h, self.h_last = self.inner(self.trans, self.u, self.c, self.reverse, self.reset)
+
+    def rebuild(self, trans: Tensor, u: Tensor, c: Optional[Tensor]) -> None:
+        if not self.keep:
+            self._build(trans, u, c)
 
     def leaves(self, with_c: bool) -> List[Tensor]:
         xs = [self.trans, self.u] + ([self.c] if with_c and self.c is not None else [])
@@ -129,14 +156,27 @@ def _unpack(got: Tensor, shapes: Sequence[torch.Size], k: int, reverse: bool) ->
     return fields
 
 
+def _save(ctx, sl: _Slice, build: bool, trans: Tensor, u: Tensor, c: Optional[Tensor]) -> None:
+    """Without a kept graph, the slice's inputs and carry go through save_for_backward, so outer
+    hooks (activation checkpointing) manage them like any other saved tensor."""
+    if build and not sl.keep:
+        ctx.save_for_backward(trans, u, c)
+
+
+def _restore(ctx, sl: _Slice) -> None:
+    if not sl.keep:
+        sl.rebuild(*ctx.saved_tensors)
+
+
 class _AllGatherScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, inner, group, reverse, reset, build, trans, u, h0):
+    def forward(ctx, inner, group, reverse, reset, build, keep, trans, u, h0):
         K, r = group_size(group), group_rank(group)
         k = _order(r, K, reverse)
-        sl = _Slice(trans, u, build)
+        sl = _Slice(inner, reverse, reset, keep)
         if k == 0:  # the owner of the sequence start: its scan from h0 is already the right one
-            h, s = sl.run(inner, h0, h0 is not None and h0.requires_grad, reverse, reset)
+            c = h0
+            h, s = sl.run(trans, u, h0, h0 is not None and h0.requires_grad, build)
             with torch.no_grad():  # P_0 is never needed; only its shape (one-step probe)
                 P = torch.zeros_like(inner.product(trans[:, :1], reverse, None))
         else:
@@ -144,12 +184,14 @@ class _AllGatherScan(torch.autograd.Function):
                 _, s = inner(trans, u, None, reverse, reset)
                 P = inner.product(trans, reverse, reset)
         dt = _carry_dtype(P, s)
-        keep = _keep(reset, reverse, s, dt)
-        got = all_gather(torch.cat([P.reshape(-1).to(dt), s.reshape(-1).to(dt), keep.reshape(-1)]), group)
-        Ps, Ss, keeps = _unpack(got, [P.shape, s.shape, keep.shape], K, reverse)
-        c, final = _fold(inner, Ps, Ss, keeps)
+        keep_k = _keep(reset, reverse, s, dt)
+        got = all_gather(torch.cat([P.reshape(-1).to(dt), s.reshape(-1).to(dt), keep_k.reshape(-1)]), group)
+        Ps, Ss, keeps = _unpack(got, [P.shape, s.shape, keep_k.shape], K, reverse)
+        cs, final = _fold(inner, Ps, Ss, keeps)
         if k > 0:
-            h, _ = sl.run(inner, c[k].to(s.dtype), True, reverse, reset)
+            c = cs[k].to(s.dtype)
+            h, _ = sl.run(trans, u, c, True, build)
+        _save(ctx, sl, build, trans, u, c)
         ctx.inner, ctx.group, ctx.reverse, ctx.k = inner, group, reverse, k
         ctx.sl, ctx.Ps, ctx.keeps, ctx.state_shape, ctx.dt = sl, Ps, keeps, s.shape, dt
         ctx.h0_like = h0
@@ -158,6 +200,7 @@ class _AllGatherScan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_h, g_final):
         sl, k, dt = ctx.sl, ctx.k, ctx.dt
+        _restore(ctx, sl)
         K = len(ctx.Ps)
         g_h = torch.zeros_like(sl.h) if g_h is None else g_h
         zero_state = torch.zeros(ctx.state_shape, dtype=dt, device=g_h.device)
@@ -184,33 +227,33 @@ class _AllGatherScan(torch.autograd.Function):
             if ctx.h0_like is not None and ctx.h0_like.requires_grad:
                 g_h0 = torch.zeros_like(ctx.h0_like)  # only the owner's h0 enters the sequence
         ctx.sl = None
-        return None, None, None, None, None, g_trans, g_u, g_h0
+        return None, None, None, None, None, None, g_trans, g_u, g_h0
 
 
 class _RingScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, inner, group, reverse, reset, build, trans, u, h0):
+    def forward(ctx, inner, group, reverse, reset, build, keep, trans, u, h0):
         K, r = group_size(group), group_rank(group)
         k = _order(r, K, reverse)
         prev, nxt, last = _order(k - 1, K, reverse), _order(k + 1, K, reverse), _order(K - 1, K, reverse)
-        sl = _Slice(trans, u, build)
+        sl = _Slice(inner, reverse, reset, keep)
         with torch.no_grad():  # the state's shape and dtype, from a one-step probe
             _, like = inner(trans[:, :1], u[:, :1], None, reverse, None)
-        if k == 0:
-            h, d = sl.run(inner, h0, h0 is not None and h0.requires_grad, reverse, reset)
-        else:
-            h, d = sl.run(inner, recv(like, prev, group), True, reverse, reset)
-        keep = _keep(reset, reverse, d, d.dtype)
+        c = h0 if k == 0 else recv(like, prev, group)
+        h, d = sl.run(trans, u, c, k > 0 or (h0 is not None and h0.requires_grad), build)
+        keep_k = _keep(reset, reverse, d, d.dtype)
         if k < K - 1:
-            send(keep * d, nxt, group)
+            send(keep_k * d, nxt, group)
         final = broadcast(d if k == K - 1 else like, last, group)
+        _save(ctx, sl, build, trans, u, c)
         ctx.group, ctx.k, ctx.K, ctx.prev, ctx.nxt = group, k, K, prev, nxt
-        ctx.sl, ctx.keep, ctx.h0_like = sl, keep, h0
+        ctx.sl, ctx.keep, ctx.h0_like = sl, keep_k, h0
         return h, final
 
     @staticmethod
     def backward(ctx, g_h, g_final):
         sl, k, K = ctx.sl, ctx.k, ctx.K
+        _restore(ctx, sl)
         g_h = torch.zeros_like(sl.h) if g_h is None else g_h
         g_final = torch.zeros_like(sl.h_last) if g_final is None else g_final
         total = all_reduce(g_final, ctx.group)  # every rank's use of the final state
@@ -229,7 +272,7 @@ class _RingScan(torch.autograd.Function):
             g_h0 = (g_c if g_c is not None else torch.zeros_like(sl.c)).to(ctx.h0_like.dtype)
         g_trans, g_u = sl.input_grads(part)
         ctx.sl = None
-        return None, None, None, None, None, g_trans, g_u, g_h0
+        return None, None, None, None, None, None, g_trans, g_u, g_h0
 
 
 class SPScan(ScanOp):
@@ -238,12 +281,15 @@ class SPScan(ScanOp):
     Called like the inner op on this rank's slice: (trans, u, h0, reverse, reset) -> (h, h_last),
     h for the slice, h_last the WHOLE sequence's final state (identical on every rank).
     `product` and `apply` stay the inner op's, local to the slice.
+    recompute: True runs the slice's scan without a graph in forward and again with one in
+    backward (less memory, one more scan); None (default) does so only inside activation
+    checkpointing; False never.
     """
 
-    def __init__(self, inner: ScanOp, group: Any, carry: str = "allgather"):
+    def __init__(self, inner: ScanOp, group: Any, carry: str = "allgather", recompute: Optional[bool] = None):
         if carry not in CARRIES:
             raise ValueError(f"parallel.carry: must be one of {', '.join(CARRIES)}, got '{carry}'")
-        self.inner, self.group, self.carry = inner, group, carry
+        self.inner, self.group, self.carry, self.recompute = inner, group, carry, recompute
         self.name = f"sp_{inner.name}"
 
     def __call__(self, trans, u, h0=None, reverse=False, reset=None):
@@ -253,8 +299,9 @@ class SPScan(ScanOp):
         fn = _AllGatherScan if self.carry == "allgather" else _RingScan
         if not build:  # inference: the same exchange, no graph kept
             with torch.no_grad():
-                return fn.forward(_NoCtx(), self.inner, self.group, bool(reverse), reset, False, trans, u, h0)
-        return fn.apply(self.inner, self.group, bool(reverse), reset, True, trans, u, h0)
+                return fn.forward(_NoCtx(), self.inner, self.group, bool(reverse), reset, False, True, trans, u, h0)
+        recompute = _outer_hooks_active() if self.recompute is None else self.recompute
+        return fn.apply(self.inner, self.group, bool(reverse), reset, True, not recompute, trans, u, h0)
 
     def product(self, trans, reverse=False, reset=None):
         return self.inner.product(trans, reverse, reset)
