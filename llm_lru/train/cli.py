@@ -22,13 +22,13 @@ def resolve_vocab(cfg: RunConfig) -> None:
     if not cfg.data.path:
         raise ConfigError("model.vocab_size: 0 means 'from the data's tokenizer', but data.path is empty "
                           f"(data.source={cfg.data.source}); set model.vocab_size")
-    from llm_lru.data_prep import load_tokenizer
+    from llm_lru.data_prep import read_manifest
 
     try:
-        tok = load_tokenizer(cfg.data.path)
+        manifest = read_manifest(cfg.data.path)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"model.vocab_size: 0 needs the tokenizer of data.path={cfg.data.path}: {e}") from None
-    cfg.model.vocab_size = int(tok.get_vocab_size())
+        raise ConfigError(f"model.vocab_size: 0 needs the manifest of data.path={cfg.data.path}: {e}") from None
+    cfg.model.vocab_size = int(manifest["tokenizer"]["vocab_size"])
 
 
 def _free_port() -> int:

@@ -5,13 +5,15 @@ import pytest
 import torch
 
 from tests.distributed import run_world
-from tests.train.worlds import scenarios
+from tests.train.worlds import scenarios, single_runs
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("train_world")
-    return run_world(scenarios, 2, str(root), timeout=600)[0]
+    out = run_world(scenarios, 2, str(root), timeout=600)[0]
+    out.update(run_world(single_runs, 1, str(root), timeout=600)[0])
+    return out
 
 
 def _losses(run):
@@ -27,6 +29,17 @@ def test_zero_stages_match_stage0(world, stage):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
     assert _losses(world["stage0"])[-1] < _losses(world["stage0"])[0]  # it learns
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_sp2_matches_single_process(world, stage):
+    """dp 1 x sp 2 (ZeRO-2/3) against one process on the same global batches."""
+    ref = world["single"]["metrics"]
+    got = world[f"sp2_stage{stage}"]["metrics"]
+    assert len(got) == len(ref) == 4
+    for a, b in zip(ref, got):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
 
 
 def test_metrics_have_required_fields(world):

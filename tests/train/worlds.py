@@ -1,17 +1,12 @@
-"""Module-level rank functions for the training tests (run_world needs picklable functions)."""
+"""Module-level rank functions for the training tests (run_world needs picklable functions).
+
+The runs use the real tiny HybridLM (a BD-LRU block and an attention block) and the data
+loader's random source, on real gloo processes.
+"""
 from __future__ import annotations
 
 import json
 from pathlib import Path
-
-
-def use_fakes():
-    """Route the trainer's model/loader seams to the stand-ins in fakes.py."""
-    from llm_lru.train import trainer
-    from tests.train import fakes
-
-    trainer.build_model = lambda cfg: fakes.TinyLM(cfg.model.vocab_size)
-    trainer.make_loader = fakes.RandomLoader
 
 
 def tiny_cfg(out, **over):
@@ -19,7 +14,9 @@ def tiny_cfg(out, **over):
     from llm_lru.config import from_dict
     from omegaconf import OmegaConf
 
-    base = {"out_dir": str(out), "model": {"vocab_size": 64}, "data": {"source": "random"},
+    base = {"out_dir": str(out), "data": {"source": "random"},
+            "model": {"vocab_size": 64, "d_model": 32, "n_layers": 2, "pattern": "BA", "n_heads": 2,
+                      "block_size": 4},
             "train": {"seq_len": 16, "global_batch_size": 4, "micro_batch_size": 1, "max_steps": 4,
                       "warmup_steps": 1},
             "logging": {"tensorboard": False, "progress": "lines"}}
@@ -35,7 +32,6 @@ def train_runs(rank, world, runs):
     """Train each (out_dir, overrides) in turn in this world; rank 0 returns their metrics."""
     from llm_lru.train import trainer
 
-    use_fakes()
     results = []
     for out, over in runs:
         try:
@@ -114,7 +110,6 @@ def scenarios(rank, world, root):
 
     from llm_lru.train import trainer
 
-    use_fakes()
     root = Path(root)
     out = {}
 
@@ -130,6 +125,10 @@ def scenarios(rank, world, root):
     # ZeRO stages: same losses and grad norms as stage 0.
     for stage in (0, 1, 2, 3):
         run(f"stage{stage}", deepspeed={"zero_stage": stage})
+
+    # Sequence parallelism (dp 1 x sp 2): compared with single_runs() on one process.
+    for stage in (2, 3):
+        run(f"sp2_stage{stage}", parallel={"sp": 2}, train={"micro_batch_size": 2}, deepspeed={"zero_stage": stage})
 
     # NaN: constant LR, so that the skipped step can be compared with a run that stops before it.
     const = {"lr": 1e-2, "min_lr": 1e-2, "warmup_steps": 0}
@@ -168,3 +167,11 @@ def scenarios(rank, world, root):
         run("resumed", **resume_cfg)
     out["resume_warnings"] = [str(w.message) for w in caught if "skipping checkpoint" in str(w.message)]
     return out
+
+
+def single_runs(rank, world, root):
+    """The one-process reference for the sp = 2 runs of scenarios()."""
+    from llm_lru.train import trainer
+
+    trainer.train(tiny_cfg(Path(root) / "single", train={"micro_batch_size": 2}))
+    return {"single": {"metrics": metrics(Path(root) / "single")}}
