@@ -293,8 +293,9 @@ class Loader:
             self.gen.start = self.step
             ds, workers = self.gen, 0
         if workers > 0:
-            it = iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers,
-                                                  prefetch_factor=4, persistent_workers=False))
+            # pin_memory on CUDA hosts: host-to-device copies can then overlap the step.
+            it = iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, prefetch_factor=4,
+                                                  persistent_workers=False, pin_memory=torch.cuda.is_available()))
         else:
             it = iter(ds)
         try:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import json
 import multiprocessing as mp
 import os
 import shlex
@@ -255,7 +256,6 @@ def _check_out_dir(out: Path, cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
                              f"('{m.get('command')}'); choose another folder or delete it")
         return {"done": True}
     if (out / STATE).exists():
-        import json
         st = json.loads((out / STATE).read_text())
         if st.get("config") != cfg:
             raise ValueError(f"--out {out}: holds an unfinished prep of a different command "
@@ -281,7 +281,7 @@ def _bpe_texts(tasks: Sequence[corpus.Task], cfg: PrepConfig) -> Iterator[str]:
 
 
 def run_prep(cfg: PrepConfig, out: str | Path, workers: int = 1, command: str = "",
-         progress: bool = True) -> Dict[str, Any]:
+             progress: bool = True) -> Dict[str, Any]:
     """Run (or resume) a prep into `out`; returns the manifest. See the module docstring."""
     out = Path(out)
     if cfg.seq_len < 2:
@@ -295,8 +295,11 @@ def run_prep(cfg: PrepConfig, out: str | Path, workers: int = 1, command: str = 
         cfg.inputs = []
     else:
         cfg.inputs = files
-    if cfg.tokenizer not in ("bytes",) and not cfg.tokenizer.startswith("bpe:"):
-        cfg.tokenizer_sha256 = sha256_file(from_path_file(cfg.tokenizer))
+    if cfg.tokenizer != "bytes" and not cfg.tokenizer.startswith("bpe:"):
+        tfile = Path(cfg.tokenizer) / "tokenizer.json" if Path(cfg.tokenizer).is_dir() else Path(cfg.tokenizer)
+        if not tfile.is_file():
+            raise ValueError(f"--tokenizer {cfg.tokenizer}: not bytes, bpe:N or an existing tokenizer.json / folder")
+        cfg.tokenizer_sha256 = sha256_file(tfile)
     conf = asdict(cfg)
     state = _check_out_dir(out, conf)
     if state and state.get("done"):
@@ -318,16 +321,9 @@ def run_prep(cfg: PrepConfig, out: str | Path, workers: int = 1, command: str = 
         raise
 
 
-def from_path_file(spec: str) -> Path:
-    p = Path(spec)
-    return p / "tokenizer.json" if p.is_dir() else p
-
-
 def _run(cfg: PrepConfig, conf: Dict[str, Any], out: Path, tasks: List[corpus.Task],
          bad_files: List[Dict[str, str]], state: Optional[Dict[str, Any]], workers: int,
          command: str, progress: bool) -> Dict[str, Any]:
-    import json
-
     if state:
         tok = load_tokenizer({"_dir": str(out), "tokenizer": state["tokenizer"]})
         tok_rec = state["tokenizer"]

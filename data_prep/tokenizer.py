@@ -202,6 +202,8 @@ def load_tokenizer(dir_or_manifest: Union[str, Path, dict]) -> LoadedTokenizer:
     manifest dict (which must then carry `_dir`, as read_manifest's result does)."""
     if isinstance(dir_or_manifest, dict):
         manifest = dir_or_manifest
+        if "_dir" not in manifest or "tokenizer" not in manifest:
+            raise ValueError("load_tokenizer: a manifest dict needs '_dir' and 'tokenizer' (use read_manifest(dir))")
         base = Path(manifest["_dir"])
     else:
         p = Path(dir_or_manifest)

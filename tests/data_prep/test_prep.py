@@ -256,3 +256,28 @@ def test_jsonl_byte_ranges_read_every_line_once(tmp_path, monkeypatch):
     P.run_prep(P.PrepConfig(**cfg), tmp_path / "ranges", workers=2, progress=False)
     tars = lambda d: {k: v for k, v in file_hashes(d).items() if k.endswith(".tar")}
     assert tars(tmp_path / "ranges") == tars(tmp_path / "whole")
+
+
+def test_tokenizer_given_by_path(corpus_dir, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from llm_lru.data_prep.tokenizer import make_tokenizer
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    base = make_tokenizer("bpe:300", [d for d in corpus_dir[1]])
+    base.hf.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|pad|>", "pad_token": {"content": "<|endoftext|>"}}))
+    m = P.run_prep(P.PrepConfig(inputs=[str(corpus_dir[0])], tokenizer=str(folder), seq_len=16, shard_size=50),
+                   tmp_path / "out", progress=False)
+    t = m["tokenizer"]
+    assert t["kind"] == "path" and t["eos_id"] == 1 and t["pad_id"] == 0 and t["vocab_size"] == 300
+    assert m["config"]["tokenizer_sha256"] == hashlib.sha256((folder / "tokenizer.json").read_bytes()).hexdigest()
+    toks, _ = split_samples(tmp_path / "out")
+    assert (toks == 1).any()                             # the configured EOS separates documents
+    # A tokenizer without any known EOS needs --eos-token.
+    plain = Tokenizer(models.BPE(vocab={"a": 0, "b": 1}, merges=[]))
+    plain.pre_tokenizer = pre_tokenizers.Whitespace()
+    plain.save(str(tmp_path / "plain.json"))
+    with pytest.raises(ValueError, match="--eos-token"):
+        P.run_prep(P.PrepConfig(inputs=[str(corpus_dir[0])], tokenizer=str(tmp_path / "plain.json"), seq_len=16),
+                   tmp_path / "out2", progress=False)
+    assert not (tmp_path / "out2").exists()
