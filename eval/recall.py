@@ -14,11 +14,11 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-import numpy as np
 import torch
 
 from . import tasks as _tasks  # noqa: F401  (registers mqar, s3, s5, selective_copy)
 from .common import progress, table
+from .ppl import context_positions
 from .prefill import token_logprobs
 
 SPLIT_SEED = 9_999  # eval samples: seeded apart from the training stream
@@ -30,13 +30,15 @@ def task_accuracy(model, task: str, task_args: Dict[str, Any], seq_len: int, n: 
     """Greedy accuracy on the scored (answer) positions of n fresh samples of `task`.
 
     Returns {"accuracy": answers right / answers, "sequence_accuracy": samples with every answer
-    right / samples, "answers": count}. chunk_size 0 reads each batch in one forward.
+    right / samples, "answers": count, "accuracy_by_position": {"[lo, hi)": accuracy} over the
+    answers' context positions}. chunk_size 0 reads each batch in one forward.
     """
     was_training = model.training
     model.eval()
     data = _tasks.task_batch(task, task_args, seq_len, n, seed + SPLIT_SEED, model.cfg.vocab_size)
     device = model.embed.weight.device
     right = total = seq_right = 0
+    by_pos: Dict[int, List[int]] = {}
     for s in range(0, n, batch_size):
         tok = torch.from_numpy(data["tokens"][s:s + batch_size]).to(device)
         mask = torch.from_numpy(data["mask"][s:s + batch_size]).to(device)
@@ -48,8 +50,18 @@ def task_accuracy(model, task: str, task_args: Dict[str, Any], seq_len: int, n: 
         right += int(greedy[m].sum())
         total += int(m.sum())
         seq_right += int(((greedy | ~m).all(1)).sum())
+        # context position of each answer (tokens since its document began): for s3/s5 it is
+        # the episode length, for mqar the query's offset
+        pos = context_positions(starts.cpu())[m]
+        for p_, g in zip(pos.tolist(), greedy[m].tolist()):
+            b = 1 << max(0, int(p_)).bit_length() - 1 if p_ > 0 else 0
+            by_pos.setdefault(b, [0, 0])
+            by_pos[b][0] += int(g)
+            by_pos[b][1] += 1
     model.train(was_training)
-    return {"accuracy": right / max(total, 1), "sequence_accuracy": seq_right / n, "answers": total}
+    bins = {f"[{b}, {2 * b if b else 1})": round(r / c, 4) for b, (r, c) in sorted(by_pos.items())}
+    return {"accuracy": right / max(total, 1), "sequence_accuracy": seq_right / n, "answers": total,
+            "accuracy_by_position": bins}
 
 
 def run_suite(target, ecfg, out: Path) -> Dict[str, Any]:
@@ -174,8 +186,3 @@ def sweep_table(results: List[Dict[str, Any]]) -> Dict[str, Any]:
             row.append(None if r is None or "accuracy" not in r else round(float(r["accuracy"]), 4))
         rows.append(row)
     return table("answer accuracy (rows: task, columns: mixer)", ["task"] + mixers, rows)
-
-
-def mean_or_none(xs) -> Optional[float]:
-    xs = [x for x in xs if x is not None]
-    return float(np.mean(xs)) if xs else None
