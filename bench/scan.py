@@ -339,6 +339,8 @@ def write_markdown(path: Path, result: dict) -> None:
     cpu = [r for r in result["rows"] if r.get("device") == "cpu"]
     if cpu:
         lines += ["## CPU (PyTorch paths; the Triton kernels are not timed under the interpreter)", "",
+                  f"fp32, {result['meta']['threads']} thread(s); 1-minute load average at the end of the run: "
+                  f"{result['meta']['loadavg_1m']:.1f} (a shared machine: expect noise).", "",
                   "| kind | impl | mode | m | T | BxN | ms | GB/s | of copy | status |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for r in cpu:
@@ -380,7 +382,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         rows += cpu_rows(args.quick)
     rows += ratios(rows)
     meta = dict(torch=torch.__version__, cuda=has_cuda, machine=platform.machine(), threads=torch.get_num_threads(),
-                quick=args.quick, gpu_dtype=args.dtype, note="byte model: inputs read once, outputs written once")
+                quick=args.quick, gpu_dtype=args.dtype, note="byte model: inputs read once, outputs written once",
+                loadavg_1m=os.getloadavg()[0])  # CPU timings on a shared machine: say how busy it was
     result = {"meta": meta, "rows": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
