@@ -73,7 +73,10 @@ def load_export(path: Path, tokenizer: Optional[str] = None) -> EvalTarget:
     tok = resolve_tokenizer(tokenizer) if tokenizer else None
     if tok is None and (path / "tokenizer.json").is_file():
         tok = resolve_tokenizer(str(path / "tokenizer.json"))
-    info = {"kind": "export", "train_seq_len": int(getattr(hf.config, "train_seq_len", 0) or 0)}
+    # The exporter records the training run (seq_len among it) in llm_lru_export.json.
+    meta_file = path / "llm_lru_export.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    info = {"kind": "export", "train_seq_len": int(meta.get("training", {}).get("seq_len", 0) or 0)}
     return EvalTarget(model, tok, None, str(path), info)
 
 

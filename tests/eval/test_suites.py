@@ -142,3 +142,22 @@ def test_max_length_caps_lengths(run_dir, tmp_path):
     res = passkey.run(target, EvalConfig(passkey_lengths=[300, 5000], passkey_depths=[0.5], passkey_trials=1,
                                          max_length=400, progress=False), tmp_path)
     assert res["settings"]["lengths"] == [300]
+
+
+@pytest.mark.slow  # transformers' remote-code loading: ~15-50 s here
+def test_eval_reads_an_export(run_dir, tmp_path):
+    """`llm-lru eval EXPORT_DIR`: the export issue's HF folder loads to the same model."""
+    from llm_lru.export.exporter import export
+
+    tok_file = tmp_path / "tokenizer.json"
+    TOK.hf.save(str(tok_file))
+    exp = export(run_dir, tmp_path / "export", tokenizer=str(tok_file))
+    target = load_target(exp)
+    ref = load_target(run_dir)
+    ids = torch.randint(0, 258, (1, 12))
+    torch.testing.assert_close(target.model(ids), ref.model(ids))
+    assert target.train_len == 24 and target.tokenizer.eos_id == TOK.eos_id
+    out = tmp_path / "rep"
+    assert llm_lru_main(["eval", str(exp), "--suite", "passkey", "--out", str(out), "--no-progress",
+                         "passkey_lengths=[300]", "passkey_depths=[0.5]", "passkey_trials=1"]) == 0
+    assert json.loads((out / "report.json").read_text())["model"]["kind"] == "export"
