@@ -1,10 +1,10 @@
 """Generation from exported models on CPU: per-token cost and memory vs prompt length.
 
 For each model (pure recurrent, hybrid, and an attention-only baseline of the same width and
-depth) and prompt length (1K, 16K tokens), a fresh process exports a random-weight model with
-`llm_lru.export` and loads it back with transformers (the path users take), reads the prompt
-into the cache in chunks of `prefill_chunk_size` (as generate() does), then decodes greedily
-token by token from the cache. Reported per run:
+depth) a fresh process exports a random-weight model with `llm_lru.export` and loads it back
+with transformers (the path users take); for each prompt length (1K, 16K tokens) it reads the
+prompt into a cache in chunks of `prefill_chunk_size` (as generate() does), then decodes
+greedily token by token from the caches, one step of each length in turn. Reported per run:
 
   prefill_s, decode_tok_s   wall time of the chunked prefill; new tokens per second afterwards
   cache_bytes               bytes held by the cache after the prompt (recurrent / attention)
@@ -42,8 +42,13 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
 
 
-def worker(pattern: str, T: int, new_tokens: int, d_model: int, chunk: int) -> dict:
-    """One (model, prompt length) measurement, in this process."""
+def worker(pattern: str, lengths: list, new_tokens: int, d_model: int, chunk: int) -> list:
+    """One model, every prompt length, in this process.
+
+    Prompts are read shortest first, so the peak RSS after each prefill is that prefill's (the
+    shorter prompts' caches stay alive: a few MB at most). Decoding then alternates one step of
+    each length, so that other jobs on the machine slow every length alike.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -59,32 +64,36 @@ def worker(pattern: str, T: int, new_tokens: int, d_model: int, chunk: int) -> d
         write_folder(Path(d), cfg, HybridLM(cfg).state_dict())
         model = AutoModelForCausalLM.from_pretrained(d, trust_remote_code=True).eval()
     model.config.prefill_chunk_size = chunk
-    ids = torch.randint(0, 256, (1, T))
-    rss_before = round(_rss_mb(), 1)
+    recs, caches, toks = [], [], []
     with torch.no_grad():
-        t0 = time.perf_counter()
-        out = model(ids, use_cache=True, logits_to_keep=1)
-        prefill = time.perf_counter() - t0
-        cache = out.past_key_values
-        after_prompt = cache.nbytes()
-        tok = out.logits[:, -1].argmax(-1, keepdim=True)
-        model(tok, past_key_values=cache)  # one warm-up step
-        steps = []
-        for _ in range(new_tokens):
+        for T in sorted(lengths):
+            ids = torch.randint(0, 256, (1, T))
+            rss_before = _rss_mb()
             t0 = time.perf_counter()
-            tok = model(tok, past_key_values=cache).logits[:, -1].argmax(-1, keepdim=True)
-            steps.append(time.perf_counter() - t0)
-        decode = sum(steps)
-    grown = sum(cache.nbytes().values()) - sum(after_prompt.values())
-    return {"pattern": pattern, "prompt_tokens": T, "new_tokens": new_tokens, "prefill_s": round(prefill, 3),
-            "prefill_tok_s": round(T / prefill, 1), "decode_tok_s": round(new_tokens / decode, 2),
-            "decode_ms_per_token": round(1000 * decode / new_tokens, 3),
-            # The median step is what the ratio uses: other jobs on a shared machine add outliers.
-            "decode_ms_per_token_median": round(1000 * statistics.median(steps), 3),
-            "rss_before_prefill_mb": rss_before, 
-            "cache_bytes": after_prompt, "cache_growth_per_token": grown // (new_tokens + 1),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "params": model.model.num_params()}
+            out = model(ids, use_cache=True, logits_to_keep=1)
+            prefill = time.perf_counter() - t0
+            recs.append({"pattern": pattern, "prompt_tokens": T, "new_tokens": new_tokens,
+                         "prefill_s": round(prefill, 3), "prefill_tok_s": round(T / prefill, 1),
+                         "cache_bytes": out.past_key_values.nbytes(), "rss_before_prefill_mb": round(rss_before, 1),
+                         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                         "params": model.model.num_params()})
+            caches.append(out.past_key_values)
+            toks.append(out.logits[:, -1].argmax(-1, keepdim=True))
+        for i, cache in enumerate(caches):  # one warm-up step each
+            toks[i] = model(toks[i], past_key_values=cache).logits[:, -1].argmax(-1, keepdim=True)
+        steps = [[] for _ in caches]
+        for _ in range(new_tokens):
+            for i, cache in enumerate(caches):
+                t0 = time.perf_counter()
+                toks[i] = model(toks[i], past_key_values=cache).logits[:, -1].argmax(-1, keepdim=True)
+                steps[i].append(time.perf_counter() - t0)
+    for rec, cache, st in zip(recs, caches, steps):
+        grown = sum(cache.nbytes().values()) - sum(rec["cache_bytes"].values())
+        rec.update({"decode_tok_s": round(len(st) / sum(st), 2), "decode_ms_per_token": round(1000 * sum(st) / len(st), 3),
+                    # The median step is what the ratio uses: other jobs on a shared machine add outliers.
+                    "decode_ms_per_token_median": round(1000 * statistics.median(st), 3),
+                    "cache_growth_per_token": grown // (new_tokens + 1)})
+    return recs
 
 
 def main(argv=None) -> int:
@@ -95,28 +104,28 @@ def main(argv=None) -> int:
     p.add_argument("--chunk", type=int, default=2048, help="prefill chunk (tokens per forward)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.worker:
-        pattern, T = args.worker.split(":")
-        print(json.dumps(worker(pattern, int(T), args.new_tokens, args.d_model, args.chunk)))
-        return 0
     lengths = [int(x) for x in args.lengths.split(",")]
+    if args.worker:
+        print(json.dumps(worker(args.worker, lengths, args.new_tokens, args.d_model, args.chunk)))
+        return 0
     runs = []
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     for name, pattern in MODELS.items():
-        for T in lengths:
-            # A fresh process per run: peak RSS is per process and never goes down.
-            cmd = [sys.executable, __file__, "--worker", f"{pattern}:{T}", "--new-tokens", str(args.new_tokens),
-                   "--d-model", str(args.d_model), "--chunk", str(args.chunk)]
-            res = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            if res.returncode:
-                print(res.stderr[-3000:], file=sys.stderr)
-                return 1
-            rec = {"model": name, **json.loads(res.stdout.strip().splitlines()[-1])}
+        # A fresh process per model: peak RSS is per process and never goes down.
+        cmd = [sys.executable, __file__, "--worker", pattern, "--lengths", args.lengths, "--new-tokens",
+               str(args.new_tokens), "--d-model", str(args.d_model), "--chunk", str(args.chunk)]
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if res.returncode:
+            print(res.stderr[-3000:], file=sys.stderr)
+            return 1
+        for rec in json.loads(res.stdout.strip().splitlines()[-1]):
+            rec = {"model": name, **rec}
             runs.append(rec)
             cb = rec["cache_bytes"]
-            print(f"{name:22s} T={T:6d}  prefill {rec['prefill_s']:7.2f} s  decode {rec['decode_tok_s']:7.2f} tok/s"
-                  f"  cache rec {cb['recurrent'] / 1e6:7.3f} MB att {cb['attention'] / 1e6:8.3f} MB"
-                  f"  +{rec['cache_growth_per_token']} B/token  peak RSS {rec['peak_rss_mb']:.0f} MB", flush=True)
+            print(f"{name:22s} T={rec['prompt_tokens']:6d}  prefill {rec['prefill_s']:7.2f} s  decode "
+                  f"{rec['decode_ms_per_token_median']:7.2f} ms/token (median)  cache rec {cb['recurrent'] / 1e6:6.3f} MB "
+                  f"att {cb['attention'] / 1e6:7.3f} MB  +{rec['cache_growth_per_token']} B/token  "
+                  f"peak RSS {rec['peak_rss_mb']:.0f} MB", flush=True)
     lo, hi = min(lengths), max(lengths)
     ratios = {}
     for name in MODELS:

@@ -35,7 +35,11 @@ def test_untied_head_and_other_mixers_round_trip(tmp_path):
             torch.testing.assert_close(out.logits[:, 0], model(ids[:, :t + 1])[:, -1], rtol=1e-5, atol=1e-5)
         cached = hf.generate(ids[:, :6], max_new_tokens=10, do_sample=False)
         full = hf.generate(ids[:, :6], max_new_tokens=10, do_sample=False, use_cache=False)
+        # Beam search reorders the cache (LLMLRUCache.reorder_cache) between steps.
+        beams = hf.generate(ids[:, :6], max_new_tokens=6, num_beams=3, do_sample=False)
+        beams_full = hf.generate(ids[:, :6], max_new_tokens=6, num_beams=3, do_sample=False, use_cache=False)
     assert torch.equal(cached, full)
+    assert torch.equal(beams, beams_full)
 
 
 def test_labels_give_the_shifted_cross_entropy(tmp_path):
