@@ -30,8 +30,13 @@ Tensor = torch.Tensor
 
 
 def default_chunk(T: int) -> int:
-    """Steps per chunk: ~sqrt(T) balances the in-chunk loop against the loop over chunks."""
-    return max(1, min(T, int(math.ceil(math.sqrt(T)))))
+    """Steps per chunk: ~sqrt(T) balances the in-chunk loop against the loop over chunks; a divisor
+    of T within a factor 2 of it when there is one (no padding, and the diag scan reads in place)."""
+    c = max(1, min(T, int(math.ceil(math.sqrt(T)))))
+    for d in sorted(range(max(1, c // 2), min(T, 2 * c) + 1), key=lambda d: abs(d - c)):
+        if T % d == 0:
+            return d
+    return c
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,6 +251,14 @@ def block_scan_chunked(A: Tensor, u: Tensor, h0: Optional[Tensor] = None, revers
 # ----------------------------------------------------------------------------------------------
 # Diagonal scan (m = 1): the same three phases, elementwise.
 
+def _chunk_or_view(x: Tensor, C: int, nc: int, fill, dtype: torch.dtype, shift: int = 0) -> Tensor:
+    """_chunk, or a view of x when no padding, shift or cast is needed (elementwise steps read it
+    strided as well as contiguous)."""
+    if shift == 0 and x.shape[1] == nc * C and x.dtype == dtype:
+        return x.unflatten(1, (nc, C)).movedim(2, 0)
+    return _chunk(x, C, nc, fill, dtype, shift)
+
+
 def _diag_core(a: Tensor, u: Tensor, h0: Optional[Tensor], reverse: bool, C: int, shift: int = 0) -> Tensor:
     """Chunked h_t = a_t h_{t-1} + u_t without autograd; step t uses a[:, t + shift] (1 outside).
 
@@ -256,8 +269,8 @@ def _diag_core(a: Tensor, u: Tensor, h0: Optional[Tensor], reverse: bool, C: int
     B, T, N = u.shape
     dt = acc_dtype(a, u, h0)
     nc = -(-T // C)
-    ac = _chunk(a, C, nc, 1.0, dt, shift)  # (C, B, nc, N)
-    uc = _chunk(u, C, nc, 0.0, dt)
+    ac = _chunk_or_view(a, C, nc, 1.0, dt, shift)  # (C, B, nc, N)
+    uc = _chunk_or_view(u, C, nc, 0.0, dt)
     steps, chunks = _orders(C, nc, reverse)
     h = None
     if nc > 1 or h0 is not None:

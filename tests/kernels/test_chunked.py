@@ -53,7 +53,7 @@ def test_block_scan_matches_reference(m, T, reverse, with_h0):
                 lambda A, u, h0: reference.block_scan_ref(A, u, h0, reverse), [A, u, h0])
 
 
-@pytest.mark.parametrize("T,reverse,with_h0", list(itertools.product([1, 2, 13, 37], [False, True], [False, True])))
+@pytest.mark.parametrize("T,reverse,with_h0", list(itertools.product([1, 2, 12, 13, 37], [False, True], [False, True])))
 def test_diag_scan_matches_reference(T, reverse, with_h0):
     gen = torch.Generator().manual_seed(T)
     B, N = 2, 5
