@@ -161,3 +161,30 @@ def test_eval_reads_an_export(run_dir, tmp_path):
     assert llm_lru_main(["eval", str(exp), "--suite", "passkey", "--out", str(out), "--no-progress",
                          "passkey_lengths=[300]", "passkey_depths=[0.5]", "passkey_trials=1"]) == 0
     assert json.loads((out / "report.json").read_text())["model"]["kind"] == "export"
+
+
+@pytest.mark.slow  # a real prep (webdataset shards) takes ~10-20 s here
+def test_ppl_and_niah_on_prepared_data(tmp_path):
+    """ppl past the training length on real shards (documents longer than train.seq_len), and
+    niah's haystack from the held-out split; the tokenizer comes from the data manifest."""
+    from llm_lru.data_prep import PrepConfig, run_prep
+
+    files = []
+    for i in range(4):
+        f = tmp_path / f"doc{i}.txt"
+        f.write_text(("The grass is green. The sky is blue. " * (30 + 10 * i)) + f"End {i}.")
+        files.append(str(f))
+    prep = tmp_path / "prep"
+    run_prep(PrepConfig(inputs=files, tokenizer="bytes", seq_len=32, shard_size=50, val_fraction=0.5), prep,
+             progress=False)
+    run = tmp_path / "run"
+    fake_run(run, {"model": SMALL, "data": {"source": "shards", "path": str(prep)}, "train": {"seq_len": 32}})
+    out = tmp_path / "rep"
+    rc = llm_lru_main(["eval", str(run), "--suite", "ppl,niah", "--out", str(out), "--no-progress", "ppl_batches=2",
+                       "ppl_length=256", "niah_tasks=[single]", "niah_lengths=[400]", "niah_trials=1"])
+    assert rc == 0
+    by = {r["suite"]: r for r in json.loads((out / "report.json").read_text())["suites"]}
+    m = by["ppl"]["metrics"]
+    assert m["tokens_beyond_train_len"] > 0 and m["max_context_position"] >= 32
+    assert m["loss_beyond_train_len"] is not None
+    assert by["niah"]["settings"]["haystack"].startswith("data")
