@@ -31,6 +31,12 @@ def test_zero_stages_match_stage0(world, stage):
     assert _losses(world["stage0"])[-1] < _losses(world["stage0"])[0]  # it learns
 
 
+def test_activation_checkpointing_matches(world):
+    for a, b in zip(world["stage0"]["metrics"], world["act_ckpt"]["metrics"]):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_sp2_matches_single_process(world, stage):
     """dp 1 x sp 2 (ZeRO-2/3) against one process on the same global batches."""

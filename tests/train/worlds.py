@@ -126,6 +126,9 @@ def scenarios(rank, world, root):
     for stage in (0, 1, 2, 3):
         run(f"stage{stage}", deepspeed={"zero_stage": stage})
 
+    # Per-block activation checkpointing recomputes the same numbers.
+    run("act_ckpt", train={"activation_checkpointing": True}, deepspeed={"zero_stage": 2})
+
     # Sequence parallelism (dp 1 x sp 2): compared with single_runs() on one process.
     for stage in (2, 3):
         run(f"sp2_stage{stage}", parallel={"sp": 2}, train={"micro_batch_size": 2}, deepspeed={"zero_stage": stage})
