@@ -1,7 +1,8 @@
 """`llm-lru eval RUN_DIR|CHECKPOINT|EXPORT_DIR --suite a,b --out DIR [eval.key=value ...]`
 and `llm-lru eval --sweep SWEEP.yaml --out DIR` (the recall lab).
 
-Suites: ppl, passkey, niah, lm-eval, task (a synthetic-task checkpoint on its task). Settings
+Suites: ppl, passkey, niah, lm-eval, and task | mqar | state-tracking | selective-copy (a
+checkpoint trained on a synthetic task, scored on fresh samples of it). Settings
 are the `eval` section of the config schema (llm_lru.config.EvalConfig): the run's own, then
 `key=value` overrides (with or without the `eval.` prefix). Writes DIR/report.json,
 DIR/report.md and the suites' PNG plots; a progress bar per suite on stderr.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import os
 import sys
 import time
 import traceback
@@ -24,7 +26,9 @@ from llm_lru.config import ConfigError, EvalConfig
 
 SUITES = {"ppl": ("llm_lru.eval.ppl", "run"), "passkey": ("llm_lru.eval.passkey", "run"),
           "niah": ("llm_lru.eval.niah", "run"), "lm-eval": ("llm_lru.eval.lmeval", "run"),
-          "task": ("llm_lru.eval.recall", "run_suite")}
+          "task": ("llm_lru.eval.recall", "run_suite"), "mqar": ("llm_lru.eval.recall", "run_mqar"),
+          "state-tracking": ("llm_lru.eval.recall", "run_state_tracking"),
+          "selective-copy": ("llm_lru.eval.recall", "run_selective_copy")}
 
 
 def eval_config(base: Optional[EvalConfig], overrides: List[str]) -> EvalConfig:
@@ -91,6 +95,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             overrides.append(f"{key}={flag}")
     if args.no_progress:
         overrides.append("progress=false")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Chunked prefill already reads any length in one process at constant memory for the
+        # recurrent and sliding-window layers; SP evaluation (attention past one device) is not built.
+        raise ConfigError("llm-lru eval runs as one process (WORLD_SIZE > 1 given): sequence-parallel "
+                          "evaluation is not implemented; use eval.chunk_size for long inputs")
     if args.sweep:
         return run_sweep_cli(args.sweep, eval_config(None, overrides))
     if not args.target:

@@ -64,18 +64,33 @@ def task_accuracy(model, task: str, task_args: Dict[str, Any], seq_len: int, n: 
             "accuracy_by_position": bins}
 
 
-def run_suite(target, ecfg, out: Path) -> Dict[str, Any]:
-    """`task` suite: accuracy of a checkpoint trained on a synthetic task, on that task."""
+def run_suite(target, ecfg, out: Path, suite: str = "task", accept=None) -> Dict[str, Any]:
+    """`task` suite: accuracy of a checkpoint trained on a synthetic task, on that task.
+    (`mqar`, `state-tracking`, `selective-copy`: the same, checking the run's task is one of them.)"""
     cfg = target.cfg
     if cfg is None or cfg.data.source != "synthetic" or not cfg.data.task:
-        raise ValueError("suite 'task': the target's run config has no synthetic data.task (mqar, s3, s5, ...)")
+        raise ValueError(f"suite '{suite}': the target's run config has no synthetic data.task (mqar, s3, s5, ...)")
+    if accept and cfg.data.task not in accept:
+        raise ValueError(f"suite '{suite}': the run was trained on data.task '{cfg.data.task}', not {' or '.join(accept)}")
     res = task_accuracy(target.model, cfg.data.task, dict(cfg.data.task_args), cfg.train.seq_len,
                         ecfg.task_samples, ecfg.seed, ecfg.chunk_size)
     rows = [[cfg.data.task, json.dumps(dict(cfg.data.task_args)), cfg.train.seq_len, res["answers"],
              res["accuracy"], res["sequence_accuracy"]]]
-    return {"suite": "task", "metrics": res,
+    return {"suite": suite, "metrics": res,
             "tables": [table("synthetic task accuracy", ["task", "args", "seq_len", "answers", "accuracy", "seq_accuracy"], rows)],
             "plots": [], "settings": {"samples": ecfg.task_samples, "seed": ecfg.seed}}
+
+
+def run_mqar(target, ecfg, out: Path) -> Dict[str, Any]:
+    return run_suite(target, ecfg, out, "mqar", ("mqar",))
+
+
+def run_state_tracking(target, ecfg, out: Path) -> Dict[str, Any]:
+    return run_suite(target, ecfg, out, "state-tracking", ("s3", "s5"))
+
+
+def run_selective_copy(target, ecfg, out: Path) -> Dict[str, Any]:
+    return run_suite(target, ecfg, out, "selective-copy", ("selective_copy",))
 
 
 # ---- training through the normal trainer -------------------------------------------------

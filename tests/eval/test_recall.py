@@ -101,3 +101,23 @@ def test_tiny_model_learns_easy_mqar(tmp_path):
     res = recall.train_and_score(cfg, eval_samples=256)
     assert res["steps"] == 400
     assert res["accuracy"] >= 0.9, res
+
+
+def test_task_suites_through_the_cli(tmp_path):
+    import json
+
+    from llm_lru.cli import main
+
+    from .helpers import fake_run
+
+    run = tmp_path / "run"
+    fake_run(run, {"model": {"vocab_size": 16, "d_model": 32, "n_layers": 2, "pattern": "BA", "n_heads": 2},
+                   "data": {"source": "synthetic", "task": "s3", "task_args": {"max_len": 6}},
+                   "train": {"seq_len": 32}})
+    out = tmp_path / "rep"
+    assert main(["eval", str(run), "--suite", "state-tracking,task,mqar", "--out", str(out), "--no-progress",
+                 "task_samples=8"]) == 1  # mqar refuses a run trained on s3
+    by = {r["suite"]: r for r in json.loads((out / "report.json").read_text())["suites"]}
+    assert by["state-tracking"]["metrics"] == by["task"]["metrics"]
+    assert 0 <= by["task"]["metrics"]["accuracy"] <= 1 and by["task"]["metrics"]["answers"] > 8
+    assert "not mqar" in by["mqar"]["error"]
