@@ -8,7 +8,7 @@ The caller then feeds each rank its slice and pos_offset = mesh.pos_offset(T_loc
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 import torch.nn as nn
 
@@ -19,11 +19,14 @@ from .mesh import Mesh
 from .scan import CARRIES, SPScan
 
 
-def parallelize(model: nn.Module, mesh: Mesh, carry: str = "allgather") -> nn.Module:
+def parallelize(model: nn.Module, mesh: Mesh, carry: str = "allgather", final_state: bool = True,
+                recompute: Optional[bool] = None) -> nn.Module:
     """Swap the scan / attend seams of `model` (in place) for their SP versions; returns the model.
 
     A mesh with sp = 1 leaves the model untouched. Calling it twice is harmless (already
-    wrapped seams are rebound to this mesh rather than wrapped again).
+    wrapped seams are rebound to this mesh rather than wrapped again). final_state=False suits
+    training, where the recurrent states after the sequence are not used (see SPScan); keep
+    True for chunked prefill / return_state. recompute: see SPScan.
     """
     if carry not in CARRIES:
         raise ValueError(f"parallel.carry: must be one of {', '.join(CARRIES)}, got '{carry}'")
@@ -34,7 +37,7 @@ def parallelize(model: nn.Module, mesh: Mesh, carry: str = "allgather") -> nn.Mo
         if isinstance(scan, SPScan):
             scan = scan.inner
         if isinstance(scan, ScanOp):
-            setattr(module, "scan", SPScan(scan, mesh.sp_group, carry))
+            setattr(module, "scan", SPScan(scan, mesh.sp_group, carry, recompute, final_state))
         attend = getattr(module, "attend", None)
         if isinstance(attend, SPAttention):
             attend = attend.inner

@@ -11,12 +11,14 @@ counts. With c_k the state entering slice k (scan order) and d_k the state leavi
                                   previous document is dropped; forward resets are inside P_k)
     returned h_last = d_{K-1}     the whole sequence's final state, the same on every rank
 
-carry="allgather" (LASP-2 style): every rank scans its slice from zero (s_k), computes P_k in
-fp32, ONE all-gather of (P_k, s_k, keep_k) lets every rank fold its c_k, and the slice is
-rescanned from c_k. Backward mirrors it: each rank computes a_k = dL/dc_k from its own outputs
-alone, ONE all-gather of (a_k, dL/dh_last) lets every rank fold the gradient that later ranks
-send to its final state, delta_k = keep_k * (a_{k+1} + P_{k+1}^T delta_{k+1}), and the slice's
-gradients are a_k's pass plus a pass with delta_k on h_last (exact, by linearity).
+carry="allgather" (LASP-2 style): every rank scans its slice from zero (s_k) and computes P_k
+in fp32 (in one pass if the op offers `carry(trans, u, reverse, reset) -> (P, s)`); ONE
+all-gather of (P_k, s_k, keep_k) lets every rank fold its c_k, and the slice is rescanned from
+c_k. Backward mirrors it: each rank computes a_k = dL/dc_k from its own outputs alone, ONE
+all-gather of (a_k, dL/dh_last) lets every rank fold the gradient that later ranks send to its
+final state, delta_k = keep_k * (a_{k+1} + P_{k+1}^T delta_{k+1}), and the slice's gradients
+are a_k's pass plus a pass with delta_k on h_last (exact, by linearity). The owner of the
+sequence start scans once (from h0) and differentiates once.
 
 carry="ring": rank k receives c_k from rank k-1 (blocking recv), scans once, sends c_{k+1};
 the final state is broadcast from the last rank. Backward: the gradient of c travels the other
@@ -136,6 +138,16 @@ class _Slice:
         return out[0], out[1]
 
 
+def _slice_carry(inner: ScanOp, trans: Tensor, u: Tensor, reverse: bool, reset) -> Tuple[Tensor, Tensor]:
+    """(P, s) of the slice: h_last(c) = P c + s. One pass when the op offers `carry` (e.g. a
+    kernel that writes no states); else its scan from zero and its product."""
+    carry = getattr(inner, "carry", None)
+    if callable(carry):
+        return carry(trans, u, reverse, reset)
+    _, s = inner(trans, u, None, reverse, reset)
+    return inner.product(trans, reverse, reset), s
+
+
 def _fold(op: ScanOp, Ps: List[Tensor], Ss: List[Tensor], keeps: List[Tensor]) -> Tuple[List[Tensor], Tensor]:
     """Carries entering each slice (scan order; c_0 unused) and the final state d_{K-1}."""
     c: List[Optional[Tensor]] = [None]
@@ -170,7 +182,7 @@ def _restore(ctx, sl: _Slice) -> None:
 
 class _AllGatherScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, inner, group, reverse, reset, build, keep, trans, u, h0):
+    def forward(ctx, inner, group, reverse, reset, build, keep, final_state, trans, u, h0):
         K, r = group_size(group), group_rank(group)
         k = _order(r, K, reverse)
         sl = _Slice(inner, reverse, reset, keep)
@@ -181,20 +193,23 @@ class _AllGatherScan(torch.autograd.Function):
                 P = torch.zeros_like(inner.product(trans[:, :1], reverse, None))
         else:
             with torch.no_grad():
-                _, s = inner(trans, u, None, reverse, reset)
-                P = inner.product(trans, reverse, reset)
+                P, s = _slice_carry(inner, trans, u, reverse, reset)
         dt = _carry_dtype(P, s)
         keep_k = _keep(reset, reverse, s, dt)
         got = all_gather(torch.cat([P.reshape(-1).to(dt), s.reshape(-1).to(dt), keep_k.reshape(-1)]), group)
         Ps, Ss, keeps = _unpack(got, [P.shape, s.shape, keep_k.shape], K, reverse)
         cs, final = _fold(inner, Ps, Ss, keeps)
+        d = s
         if k > 0:
             c = cs[k].to(s.dtype)
-            h, _ = sl.run(trans, u, c, True, build)
+            h, d = sl.run(trans, u, c, True, build)
         _save(ctx, sl, build, trans, u, c)
         ctx.inner, ctx.group, ctx.reverse, ctx.k = inner, group, reverse, k
         ctx.sl, ctx.Ps, ctx.keeps, ctx.state_shape, ctx.dt = sl, Ps, keeps, s.shape, dt
-        ctx.h0_like = h0
+        ctx.h0_like, ctx.final_state = h0, final_state
+        if not final_state:  # this slice's own final state, no gradient
+            ctx.mark_non_differentiable(d)
+            return h, d
         return h, final.to(s.dtype)
 
     @staticmethod
@@ -204,14 +219,18 @@ class _AllGatherScan(torch.autograd.Function):
         K = len(ctx.Ps)
         g_h = torch.zeros_like(sl.h) if g_h is None else g_h
         zero_state = torch.zeros(ctx.state_shape, dtype=dt, device=g_h.device)
-        g_final = zero_state if g_final is None else g_final.to(dt)
         part1, a = {}, zero_state
         if k > 0:  # a_k: the gradient at c_k from this slice's own outputs
             part1 = sl.vjp([sl.h], [g_h], with_c=True, retain=True)
             a = part1.pop(id(sl.c), zero_state).to(dt)
-        got = all_gather(torch.cat([a.reshape(-1), g_final.reshape(-1)]), ctx.group)
-        As, Gs = _unpack(got, [a.shape, a.shape], K, ctx.reverse)
-        delta = sum(Gs[1:], Gs[0])  # the final state's gradient, summed over every rank's use of it
+        if ctx.final_state:
+            g_final = zero_state if g_final is None else g_final.to(dt)
+            got = all_gather(torch.cat([a.reshape(-1), g_final.reshape(-1)]), ctx.group)
+            As, Gs = _unpack(got, [a.shape, a.shape], K, ctx.reverse)
+            delta = sum(Gs[1:], Gs[0])  # the final state's gradient, summed over every rank's use of it
+        else:
+            As = _unpack(all_gather(a, ctx.group).view(K, -1), [a.shape], K, ctx.reverse)[0]
+            delta = zero_state
         for j in range(K - 1, k, -1):  # gradient leaving slice j toward slice j - 1
             delta = ctx.keeps[j - 1] * (As[j] + apply_transposed(ctx.inner, ctx.Ps[j], delta))
         delta = delta.to(sl.h_last.dtype)
@@ -227,12 +246,12 @@ class _AllGatherScan(torch.autograd.Function):
             if ctx.h0_like is not None and ctx.h0_like.requires_grad:
                 g_h0 = torch.zeros_like(ctx.h0_like)  # only the owner's h0 enters the sequence
         ctx.sl = None
-        return None, None, None, None, None, None, g_trans, g_u, g_h0
+        return None, None, None, None, None, None, None, g_trans, g_u, g_h0
 
 
 class _RingScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, inner, group, reverse, reset, build, keep, trans, u, h0):
+    def forward(ctx, inner, group, reverse, reset, build, keep, final_state, trans, u, h0):
         K, r = group_size(group), group_rank(group)
         k = _order(r, K, reverse)
         prev, nxt, last = _order(k - 1, K, reverse), _order(k + 1, K, reverse), _order(K - 1, K, reverse)
@@ -244,21 +263,24 @@ class _RingScan(torch.autograd.Function):
         keep_k = _keep(reset, reverse, d, d.dtype)
         if k < K - 1:
             send(keep_k * d, nxt, group)
-        final = broadcast(d if k == K - 1 else like, last, group)
         _save(ctx, sl, build, trans, u, c)
         ctx.group, ctx.k, ctx.K, ctx.prev, ctx.nxt = group, k, K, prev, nxt
-        ctx.sl, ctx.keep, ctx.h0_like = sl, keep_k, h0
-        return h, final
+        ctx.sl, ctx.keep, ctx.h0_like, ctx.final_state = sl, keep_k, h0, final_state
+        if not final_state:  # no broadcast: ranks run ahead of the ones they feed (pipelined)
+            ctx.mark_non_differentiable(d)
+            return h, d
+        return h, broadcast(d if k == K - 1 else like, last, group)
 
     @staticmethod
     def backward(ctx, g_h, g_final):
         sl, k, K = ctx.sl, ctx.k, ctx.K
         _restore(ctx, sl)
         g_h = torch.zeros_like(sl.h) if g_h is None else g_h
-        g_final = torch.zeros_like(sl.h_last) if g_final is None else g_final
-        total = all_reduce(g_final, ctx.group)  # every rank's use of the final state
+        total = None
+        if ctx.final_state:  # every rank's use of the final state (a collective: all ranks)
+            total = all_reduce(torch.zeros_like(sl.h_last) if g_final is None else g_final, ctx.group)
         if k == K - 1:
-            delta = total
+            delta = total if total is not None else torch.zeros_like(sl.h_last)
         else:
             delta = ctx.keep * recv(sl.h_last, ctx.nxt, ctx.group)
         part = sl.vjp([sl.h, sl.h_last], [g_h, delta.to(sl.h_last.dtype)], with_c=True, retain=False)
@@ -272,7 +294,7 @@ class _RingScan(torch.autograd.Function):
             g_h0 = (g_c if g_c is not None else torch.zeros_like(sl.c)).to(ctx.h0_like.dtype)
         g_trans, g_u = sl.input_grads(part)
         ctx.sl = None
-        return None, None, None, None, None, None, g_trans, g_u, g_h0
+        return None, None, None, None, None, None, None, g_trans, g_u, g_h0
 
 
 class SPScan(ScanOp):
@@ -284,12 +306,17 @@ class SPScan(ScanOp):
     recompute: True runs the slice's scan without a graph in forward and again with one in
     backward (less memory, one more scan); None (default) does so only inside activation
     checkpointing; False never.
+    final_state=False: the caller does not need the sequence's final state (training): h_last is
+    then this slice's own final state, without gradient, and no collective serves it (the ring
+    carry then pipelines: a rank moves on to its next layer as soon as it has sent its carry).
     """
 
-    def __init__(self, inner: ScanOp, group: Any, carry: str = "allgather", recompute: Optional[bool] = None):
+    def __init__(self, inner: ScanOp, group: Any, carry: str = "allgather", recompute: Optional[bool] = None,
+                 final_state: bool = True):
         if carry not in CARRIES:
             raise ValueError(f"parallel.carry: must be one of {', '.join(CARRIES)}, got '{carry}'")
         self.inner, self.group, self.carry, self.recompute = inner, group, carry, recompute
+        self.final_state = final_state
         self.name = f"sp_{inner.name}"
 
     def __call__(self, trans, u, h0=None, reverse=False, reset=None):
@@ -299,9 +326,11 @@ class SPScan(ScanOp):
         fn = _AllGatherScan if self.carry == "allgather" else _RingScan
         if not build:  # inference: the same exchange, no graph kept
             with torch.no_grad():
-                return fn.forward(_NoCtx(), self.inner, self.group, bool(reverse), reset, False, True, trans, u, h0)
+                return fn.forward(_NoCtx(), self.inner, self.group, bool(reverse), reset, False, True,
+                                  self.final_state, trans, u, h0)
         recompute = _outer_hooks_active() if self.recompute is None else self.recompute
-        return fn.apply(self.inner, self.group, bool(reverse), reset, True, not recompute, trans, u, h0)
+        return fn.apply(self.inner, self.group, bool(reverse), reset, True, not recompute, self.final_state,
+                        trans, u, h0)
 
     def product(self, trans, reverse=False, reset=None):
         return self.inner.product(trans, reverse, reset)
@@ -315,3 +344,9 @@ class SPScan(ScanOp):
 
 class _NoCtx:
     """Stands in for autograd's ctx when the forward runs without a graph."""
+
+    def save_for_backward(self, *tensors):
+        pass
+
+    def mark_non_differentiable(self, *tensors):
+        pass

@@ -114,13 +114,13 @@ def _reference(B, T, t_local):
     return model, loss.detach(), (ids, labels, docs)
 
 
-def _lm_case(mesh, rows, t_local, B, carry, checkpoint, tag, errors):
+def _lm_case(mesh, rows, t_local, B, carry, checkpoint, tag, errors, final_state=True):
     """Run the SP x DP step for one mesh and compare with the single-process reference."""
     T = mesh.sp * t_local
     ref, ref_loss, (ids, labels, docs) = _reference(B, T, t_local)
     model = copy.deepcopy(ref)
     model.zero_grad()
-    model = parallelize(model, mesh, carry)
+    model = parallelize(model, mesh, carry, final_state=final_state)
     model.checkpoint_blocks = checkpoint
     cut = lambda x: mesh.local_slice(x[rows])  # noqa: E731  (this rank's rows, then its slice)
     logits = model(cut(ids), cut(docs), pos_offset=mesh.pos_offset(t_local))
@@ -143,7 +143,8 @@ def _lm_world(rank, world, full):
     for carry, ckpt in cases:
         if ckpt and not full and rank >= 2:
             continue  # checkpointing imports torch._dynamo (seconds per process): one group is enough
-        _lm_case(mesh, slice(0, 2), t_local, 2, carry, ckpt, f"sp=2 carry={carry} checkpoint={ckpt}", errors)
+        _lm_case(mesh, slice(0, 2), t_local, 2, carry, ckpt, f"sp=2 carry={carry} checkpoint={ckpt}", errors,
+                 final_state=not ckpt)
         n += 1
     # dp = 2 x sp = 2 over the whole world: DP rank d holds rows [2d, 2d + 2)
     mesh = build_mesh(sp=2)
@@ -152,7 +153,7 @@ def _lm_world(rank, world, full):
         errors.append(f"mesh layout: {mesh} sp_ranks={mesh.sp_ranks} dp_ranks={mesh.dp_ranks}")
     rows = slice(2 * mesh.dp_rank, 2 * mesh.dp_rank + 2)
     for carry in ("allgather", "ring") if full else ("allgather",):
-        _lm_case(mesh, rows, t_local, 4, carry, False, f"dp=2 x sp=2 carry={carry}", errors)
+        _lm_case(mesh, rows, t_local, 4, carry, False, f"dp=2 x sp=2 carry={carry}", errors, final_state=False)
         n += 1
     return errors, n
 

@@ -1,0 +1,197 @@
+"""Sequence parallelism on CPU: memory and step time per rank at a fixed total length.
+
+    .venv/bin/python bench/sp.py [--tokens 16384] [--sp 1,2,4] [--steps 3]
+
+Baseline: sp = 1 (one process, the unsplit model) measured in the same run. For sp = 2 and 4:
+the all-gather carry, the ring carry, the all-gather carry with the slice's scan recomputed in
+backward (recompute=True), all three as in training (final_state=False), and the ring carry
+that also serves the sequence's final state (final_state=True: a broadcast per layer, which
+stops the ranks from pipelining). One thread per rank (torch.set_num_threads(1)); gloo.
+Per rank, for one forward + backward of the tiny model on one sequence of --tokens tokens:
+- held: resident memory held after the forward (activations kept for backward, and logits),
+  malloc_trim'd before and after; peak: the step's peak RSS (VmHWM) above the same baseline;
+- step time: median of --steps timed steps after one warm-up (the slowest rank's);
+- carry bytes: what each rank's SP scans send and receive per layer per step (forward +
+  backward), counted at the collectives, next to the size of one layer's activation (B, T/sp, D).
+Writes bench/results/sp.json and bench/results/sp.md. Ratios are against sp = 1 in this run.
+The machine's other load moves the times: the ratios are only as good as the quiet they ran in.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from tests.distributed import run_world  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+
+
+def _rss() -> int:
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back, so RSS is what is held
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:  # "5": reset VmHWM to the current RSS
+        f.write("5")
+
+
+def _peak() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+class _Counter:
+    """Counts the bytes SP scans exchange, by wrapping the collectives llm_lru.parallel.scan uses."""
+
+    def __init__(self):
+        import llm_lru.parallel.scan as S
+        self.bytes, self.calls, self.S = 0, 0, S
+        for name in ("all_gather", "all_reduce", "send", "recv", "broadcast"):
+            setattr(S, name, self._wrap(getattr(S, name)))
+        call = S.SPScan.__call__
+
+        def counted(op, *a, **k):
+            self.calls += 1
+            return call(op, *a, **k)
+        S.SPScan.__call__ = counted
+
+    def _wrap(self, fn):
+        def wrapped(x, *a, **k):
+            out = fn(x, *a, **k)
+            got = out if isinstance(out, torch.Tensor) else x  # send returns None: count what left
+            self.bytes += got.numel() * got.element_size()
+            return out
+        return wrapped
+
+
+def _worker(rank, world, cfg_kw, tokens, steps, carry, recompute, final_state):
+    import torch.distributed as dist
+
+    from llm_lru.config import ModelConfig
+    from llm_lru.models import HybridLM
+    from llm_lru.parallel import build_mesh, parallelize, sp_dp_loss
+
+    torch.set_num_threads(1)
+    counter = _Counter() if world > 1 else None
+    mesh = build_mesh(sp=world)
+    torch.manual_seed(0)
+    model = HybridLM(ModelConfig(**cfg_kw))
+    model = parallelize(model, mesh, carry, final_state=final_state, recompute=recompute)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, cfg_kw["vocab_size"], (1, tokens), generator=g)
+    labels = torch.randint(0, cfg_kw["vocab_size"], (1, tokens), generator=g)
+    docs = torch.rand(1, tokens, generator=g) < 1 / 2048  # a few documents, some across ranks
+    docs[:, 0] = True
+    t_local = mesh.check_length(tokens, "--tokens")
+    ids, labels, docs = mesh.local_slice(ids), mesh.local_slice(labels), mesh.local_slice(docs)
+
+    def step(measure=False):
+        model.zero_grad(set_to_none=True)
+        if measure:
+            base = _rss()
+            _reset_peak()
+        logits = model(ids, docs, pos_offset=mesh.pos_offset(t_local))
+        loss, value = sp_dp_loss(logits, labels, mesh)
+        held = _rss() - base if measure else 0
+        loss.backward()
+        peak = _peak() - base if measure else 0
+        return float(value), held, peak
+
+    step()  # warm-up
+    if counter:
+        counter.bytes = counter.calls = 0
+    value, held, peak = step(measure=True)
+    exchanged, scans = (counter.bytes, counter.calls) if counter else (0, 0)
+    times = []
+    for _ in range(steps):
+        if world > 1:
+            dist.barrier()
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    return dict(loss=value, held=held, peak=peak, step_s=statistics.median(times), exchanged=exchanged,
+                scans=scans, act_layer=t_local * cfg_kw["d_model"] * 4)
+
+
+def run(tokens: int, sps, steps: int, cfg_kw: dict):
+    rows = []
+    # (carry, recompute, final_state): training needs no final state (final_state=False)
+    modes = [("allgather", False, False), ("ring", False, False), ("allgather", True, False), ("ring", False, True)]
+    variants = [(1, ("none", False, False))] + [(sp, mode) for sp in sps if sp > 1 for mode in modes]
+    for sp, (carry, recompute, final_state) in variants:
+        t0 = time.time()
+        per_rank = run_world(_worker, sp, cfg_kw, tokens, steps, carry if sp > 1 else "allgather", recompute,
+                             final_state, timeout=1800)
+        name = carry + ("+recompute" if recompute else "") + ("+final_state" if final_state else "")
+        row = dict(sp=sp, carry=name, loss=per_rank[0]["loss"],
+                   held_mb=max(r["held"] for r in per_rank) / 2**20,
+                   peak_mb=max(r["peak"] for r in per_rank) / 2**20,
+                   step_s=max(r["step_s"] for r in per_rank),
+                   carry_kb_per_layer=(max(r["exchanged"] / max(r["scans"], 1) for r in per_rank) / 1024),
+                   act_kb_per_layer=per_rank[0]["act_layer"] / 1024, wall_s=time.time() - t0)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    base = rows[0]
+    for row in rows:
+        row["held_vs_sp1"] = row["held_mb"] / base["held_mb"]
+        row["peak_vs_sp1"] = row["peak_mb"] / base["peak_mb"]
+        row["speedup_vs_sp1"] = base["step_s"] / row["step_s"]
+    return rows
+
+
+def write(rows, meta):
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "sp.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2) + "\n")
+    lines = [f"# Sequence parallelism on CPU ({meta['tokens']} tokens, model {meta['model']})", "",
+             f"Baseline: sp = 1 in the same run. {meta['note']}", "",
+             "| sp | carry | held MB/rank | x sp1 | peak MB/rank | x sp1 | step s | speedup | "
+             "carry KB/layer/step | activation KB/layer | loss |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['sp']} | {r['carry']} | {r['held_mb']:.1f} | {r['held_vs_sp1']:.2f} | {r['peak_mb']:.1f} | "
+                     f"{r['peak_vs_sp1']:.2f} | {r['step_s']:.2f} | {r['speedup_vs_sp1']:.2f} | "
+                     f"{r['carry_kb_per_layer']:.1f} | {r['act_kb_per_layer']:.0f} | {r['loss']:.6f} |")
+    (RESULTS / "sp.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=16384)
+    ap.add_argument("--sp", default="1,2,4")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--pattern", default="BHGL")
+    ap.add_argument("--d-model", type=int, default=64)
+    args = ap.parse_args(argv)
+    cfg_kw = dict(vocab_size=256, d_model=args.d_model, n_layers=len(args.pattern), pattern=args.pattern,
+                  block_size=4, n_heads=4)
+    sps = [int(s) for s in args.sp.split(",")]
+    rows = run(args.tokens, sps, args.steps, cfg_kw)
+    load = os.getloadavg()
+    meta = dict(tokens=args.tokens, model=cfg_kw, steps=args.steps, cpus=os.cpu_count(), loadavg=load,
+                torch=torch.__version__,
+                note=(f"{os.cpu_count()} CPU cores, one thread per rank, load average {load[0]:.1f} at the end "
+                      "(other jobs shared the machine); sp = 4 runs 4 ranks on these cores."))
+    write(rows, meta)
+    for r in rows:
+        print(f"sp={r['sp']} {r['carry']:>20}: held {r['held_vs_sp1']:.2f}x, peak {r['peak_vs_sp1']:.2f}x, "
+              f"speedup {r['speedup_vs_sp1']:.2f}x, carry {r['carry_kb_per_layer']:.1f} KB/layer vs "
+              f"activation {r['act_kb_per_layer']:.0f} KB/layer")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
