@@ -73,6 +73,16 @@ def test_logits_equal_live_zero3_model(run, exported):
     torch.testing.assert_close(got, run["live"], rtol=1e-5, atol=1e-5)
 
 
+def test_load_hybrid_gives_llm_lru_model(run, exported):
+    from llm_lru.export.load import load_hybrid
+    from llm_lru.models import HybridLM
+
+    model = load_hybrid(exported)
+    assert type(model) is HybridLM
+    with torch.no_grad():
+        torch.testing.assert_close(model(run["probe"]), run["live"], rtol=1e-5, atol=1e-5)
+
+
 def test_generate_cache_equals_no_cache(run, exported):
     model = _load(exported)
     prompt = run["probe"][:, :12]
