@@ -188,3 +188,67 @@ def test_ppl_and_niah_on_prepared_data(tmp_path):
     assert m["tokens_beyond_train_len"] > 0 and m["max_context_position"] >= 32
     assert m["loss_beyond_train_len"] is not None
     assert by["niah"]["settings"]["haystack"].startswith("data")
+
+
+class TextOracle(torch.nn.Module):
+    """A byte-level 'model' that reads its context as text and spells out solve(prompt) after it:
+    an end-to-end check that the prompts hold the answer their question asks for and that the
+    suites score a right answer as right. State: (ids read, prompt length or None)."""
+
+    def __init__(self, solve):
+        super().__init__()
+        self.embed = torch.nn.Embedding(1, 1)
+        self.solve = solve
+
+    def _next(self, hist, prompt_len):
+        try:
+            want = TOK.encode(self.solve(TOK.decode(hist[:prompt_len]))) + [TOK.eos_id]
+        except (AttributeError, IndexError):  # the question is not read yet (prefill chunks)
+            return None
+        return want[min(len(hist) - prompt_len, len(want) - 1)]
+
+    def forward(self, ids, doc_start=None, state=None, return_state=False):
+        hist = (state or ([], None))[0] + ids[0].tolist()
+        logits = torch.zeros(1, ids.shape[1], 258)
+        nxt = self._next(hist, len(hist))
+        if nxt is not None:
+            logits[0, -1, nxt] = 1.0
+        return (logits, (hist, None)) if return_state else logits
+
+    def step(self, tokens, state):
+        hist, prompt_len = state
+        prompt_len = prompt_len if prompt_len is not None else len(hist)  # generation starts here
+        hist = hist + tokens.tolist()
+        logits = torch.zeros(1, 258)
+        logits[0, self._next(hist, prompt_len)] = 1.0
+        return logits, (hist, prompt_len)
+
+
+def _oracle_target(solve):
+    from llm_lru.eval.load import EvalTarget
+
+    return EvalTarget(TextOracle(solve), TOK)
+
+
+def test_passkey_and_niah_score_a_right_answer_as_right(tmp_path):
+    def passkey_solver(text):
+        return " " + re.search(r"The pass key is (\d+)", text).group(1) + "."
+
+    target = _oracle_target(passkey_solver)
+    res = passkey.run(target, EvalConfig(passkey_lengths=[300, 500], passkey_depths=[0.0, 1.0], passkey_trials=1,
+                                         progress=False, chunk_size=37), tmp_path)
+    assert res["metrics"]["accuracy"] == 1.0
+
+    def niah_solver(text):
+        key = re.search(r"magic numbers? for (\w+) mentioned", text).group(1)
+        return " " + ", ".join(re.findall(rf"for {key} is: (\d+)", text)) + "."
+
+    target = _oracle_target(niah_solver)
+    res = niah.run(target, EvalConfig(niah_tasks=["single", "multikey", "multivalue"], niah_lengths=[800],
+                                      niah_trials=1, haystack="fallback", progress=False), tmp_path)
+    assert all(res["metrics"][t] == 1.0 for t in ("single", "multikey", "multivalue"))
+    # and a wrong answer scores zero: the solver answers with a number that is not in the text
+    target = _oracle_target(lambda text: " 1234567.")
+    res = niah.run(target, EvalConfig(niah_tasks=["single"], niah_lengths=[800], niah_trials=2, haystack="fallback",
+                                      progress=False), tmp_path)
+    assert res["metrics"]["single"] == 0.0
