@@ -121,3 +121,28 @@ def test_task_suites_through_the_cli(tmp_path):
     assert by["state-tracking"]["metrics"] == by["task"]["metrics"]
     assert 0 <= by["task"]["metrics"]["accuracy"] <= 1 and by["task"]["metrics"]["answers"] > 8
     assert "not mqar" in by["mqar"]["error"]
+
+
+@pytest.mark.slow
+def test_sweep_through_the_cli(tmp_path):
+    """`llm-lru eval --sweep FILE --out DIR`: every run trained and scored, one table."""
+    import json
+
+    import yaml
+
+    from llm_lru.cli import main
+
+    sweep = {"eval_samples": 8,
+             "base": {"model": {"d_model": 32, "n_layers": 2, "n_heads": 2}, "data": {"source": "synthetic"},
+                      "train": {"global_batch_size": 4, "max_steps": 3, "seq_len": 32},
+                      "logging": {"tensorboard": False, "progress": "lines"}},
+             "mixers": {"glru": {"model": {"pattern": "G"}}, "hybrid": {"model": {"pattern": "BA", "block_size": 2}}},
+             "tasks": {"s3": {"model": {"vocab_size": 16}, "data": {"task": "s3", "task_args": {"max_len": 6}}}}}
+    f = tmp_path / "sweep.yaml"
+    f.write_text(yaml.safe_dump(sweep))
+    out = tmp_path / "out"
+    assert main(["eval", "--sweep", str(f), "--out", str(out), "--no-progress"]) == 0
+    results = json.loads((out / "recall.json").read_text())
+    assert [(r["task"], r["mixer"], r["steps"]) for r in results] == [("s3", "glru", 3), ("s3", "hybrid", 3)]
+    assert all(0 <= r["accuracy"] <= 1 for r in results)
+    assert "| s3 |" in (out / "report.md").read_text()
