@@ -26,8 +26,11 @@ def _data_cfg(target, ecfg):
         from llm_lru.config import RunConfig
 
         cfg = copy.deepcopy(target.cfg) if target.cfg is not None else RunConfig()
+        from llm_lru.data_prep import read_manifest
+
         cfg.data.source, cfg.data.path, cfg.data.val_path = "shards", ecfg.data_path, ""
         cfg.model.vocab_size = target.model.cfg.vocab_size
+        cfg.train.seq_len = int(read_manifest(ecfg.data_path)["seq_len"])  # the loader reads whole samples
         return cfg
     if target.cfg is None:
         raise ValueError("suite 'ppl': the target carries no data config (an export); pass data_path=PREP_DIR")
