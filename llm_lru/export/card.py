@@ -81,7 +81,8 @@ def model_card(cfg, meta: Dict[str, Any], report, has_tokenizer: bool) -> str:
              "| | |", "|---|---|",
              f"| layers (pattern `{cfg.pattern}`) | {' '.join(kinds)} |",
              f"| d_model / state width / block size | {cfg.d_model} / {cfg.d_state or cfg.d_model} / {cfg.block_size} |",
-             f"| attention heads / KV heads / window | {cfg.n_heads} / {cfg.n_kv_heads or cfg.n_heads} / {cfg.window} |",
+             f"| attention heads / KV heads / window | {cfg.n_heads} / {cfg.n_kv_heads or cfg.n_heads} / "
+             f"{cfg.window if 'swa' in kinds else '-'} |",
              f"| gate normalisation | {cfg.gate_norm} |",
              f"| vocabulary | {cfg.vocab_size} (tied embeddings: {cfg.tie_embeddings}) |",
              f"| weights dtype | {meta.get('dtype')} |", "",
@@ -108,7 +109,7 @@ def model_card(cfg, meta: Dict[str, Any], report, has_tokenizer: bool) -> str:
     lines += ["", "## Usage", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
               'model = AutoModelForCausalLM.from_pretrained("PATH", trust_remote_code=True)']
     if has_tokenizer:
-        lines += ['tok = AutoTokenizer.from_pretrained("PATH")',
+        lines += ['tok = AutoTokenizer.from_pretrained("PATH", trust_remote_code=True)',
                   'ids = tok("def main():", return_tensors="pt").input_ids',
                   "print(tok.decode(model.generate(ids, max_new_tokens=64)[0]))"]
     lines += ["```", "", "or `llm-lru generate PATH --prompt TEXT`. The modeling code in this folder is a copy of "

@@ -133,7 +133,7 @@ def export(path: str | Path, out: str | Path, dtype: str = "fp32", config: Optio
         warnings.warn(f"{path}: no tokenizer found (data manifest or --tokenizer); exporting the model without one")
     out.mkdir(parents=True, exist_ok=True)
     meta = write_folder(out, model_cfg, sd, dtype, tok, max_shard_size)
-    meta.update({"source": {"path": str(Path(path).resolve()), "checkpoint": str(src.checkpoint or src.ds_dir),
+    meta.update({"source": {"path": str(Path(path).resolve()), "checkpoint": str((src.checkpoint or src.ds_dir).resolve()),
                             "ds_tag": src.tag, **{k: src.meta[k] for k in ("zero_stage", "world_size", "precision")
                                                   if k in src.meta}},
                  "training": training_summary(src)})

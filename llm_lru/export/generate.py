@@ -54,7 +54,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     sample = args.temperature > 0
     kw = dict(do_sample=True, temperature=args.temperature, top_k=args.top_k or None) if sample else dict(do_sample=False)
     print(args.prompt, end="", flush=True)
-    streamer = TextStreamer(tok, skip_prompt=True)
+    streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     with torch.no_grad():
         model.generate(ids, max_new_tokens=args.max_new_tokens, streamer=streamer, use_cache=not args.no_cache,
                        pad_token_id=tok.pad_token_id, **kw)

@@ -264,7 +264,7 @@ def test_generate_cli_streams_greedy_text(exported, capsys):
     ids = tok("ab", return_tensors="pt").input_ids
     with torch.no_grad():
         want = _load(exported).generate(ids, max_new_tokens=5, do_sample=False)
-    assert printed.rstrip("\n") == "ab" + tok.decode(want[0, 2:])
+    assert printed.rstrip("\n") == "ab" + tok.decode(want[0, 2:], skip_special_tokens=True)
 
 
 def test_checkpoint_of_another_model_is_refused(run, tmp_path):
@@ -306,7 +306,7 @@ def test_run_dir_resolves_to_latest_complete_checkpoint(run, tmp_path):
     with pytest.warns(UserWarning, match="step_00000003"):
         assert main([str(run_dir), "--out", str(out)]) == 0
     meta = json.loads((out / "llm_lru_export.json").read_text())
-    assert meta["source"]["checkpoint"] == str(done) and meta["training"]["step"] == 2
+    assert meta["source"]["checkpoint"] == str(done.resolve()) and meta["training"]["step"] == 2
     assert meta["training"]["tokens"] == 64 and meta["training"]["loss"] == 3.5
     card = (out / "README.md").read_text()
     assert "- step: 2" in card and "- tokens: 64" in card and "| suites.recall.accuracy | 0.625 |" in card
