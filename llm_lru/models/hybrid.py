@@ -104,11 +104,13 @@ class HybridLM(nn.Module):
     def init_state(self, batch: int, device: Optional[torch.device] = None) -> ModelState:
         """Zero recurrent states and empty KV caches for `batch` sequences."""
         device = device or self.embed.weight.device
+        dtype = self.embed.weight.dtype
         states = []
         for block in self.layers:
             if not hasattr(block.mixer, "init_state"):
                 raise ValueError(f"model.pattern: {block.kind} layers have no left-to-right state")
-            states.append(block.mixer.init_state(batch, device=device))
+            # KV caches in the weights' dtype; recurrent states accumulate in fp32 or better.
+            states.append(block.mixer.init_state(batch, device=device, dtype=dtype))
         return ModelState(states, 0)
 
     def forward(self, input_ids: torch.Tensor, doc_start: Optional[torch.Tensor] = None,

@@ -70,8 +70,8 @@ class LRU(nn.Module):
         y = self.out_proj(h.to(x.dtype).reshape(B, T, 2 * self.n)) + self.skip * x
         return y, h_last
 
-    def init_state(self, batch: int, device=None) -> torch.Tensor:
-        return torch.zeros(batch, self.n, 2, device=device)
+    def init_state(self, batch: int, device=None, dtype=torch.float32) -> torch.Tensor:
+        return torch.zeros(batch, self.n, 2, device=device, dtype=torch.promote_types(dtype, torch.float32))
 
 
 class GLRU(nn.Module):
@@ -102,8 +102,8 @@ class GLRU(nn.Module):
         h, h_last = self.scan(a, u, state, False, doc_start)
         return self.out_proj(h.to(x.dtype)), h_last
 
-    def init_state(self, batch: int, device=None) -> torch.Tensor:
-        return torch.zeros(batch, self.n, device=device)
+    def init_state(self, batch: int, device=None, dtype=torch.float32) -> torch.Tensor:
+        return torch.zeros(batch, self.n, device=device, dtype=torch.promote_types(dtype, torch.float32))
 
 
 class BDLRU(nn.Module):
@@ -136,8 +136,8 @@ class BDLRU(nn.Module):
         h, h_last = self.scan(logits, v, state, False, doc_start)
         return self.out_proj(h.to(x.dtype).reshape(B, T, self.n * self.m)), h_last
 
-    def init_state(self, batch: int, device=None) -> torch.Tensor:
-        return torch.zeros(batch, self.n, self.m, device=device)
+    def init_state(self, batch: int, device=None, dtype=torch.float32) -> torch.Tensor:
+        return torch.zeros(batch, self.n, self.m, device=device, dtype=torch.promote_types(dtype, torch.float32))
 
 
 class HLRU(nn.Module):
@@ -170,8 +170,8 @@ class HLRU(nn.Module):
         y, s_last = self.scan(logits, v, state, False, doc_start)
         return self.out_proj(y.to(x.dtype)), s_last
 
-    def init_state(self, batch: int, device=None) -> torch.Tensor:
-        return torch.zeros(batch, self.n, self.m, device=device)
+    def init_state(self, batch: int, device=None, dtype=torch.float32) -> torch.Tensor:
+        return torch.zeros(batch, self.n, self.m, device=device, dtype=torch.promote_types(dtype, torch.float32))
 
 
 class BLUR(nn.Module):

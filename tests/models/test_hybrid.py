@@ -128,3 +128,16 @@ def test_blur_refused_in_causal_stack_and_no_step_mode():
 def test_vocab_size_must_be_resolved():
     with pytest.raises(ValueError, match="model.vocab_size"):
         HybridLM(model_cfg(vocab_size=0))
+
+
+def test_bf16_step_mode_runs_with_fp32_recurrent_state():
+    model = HybridLM(model_cfg()).to(torch.bfloat16).eval()
+    state = model.init_state(2)
+    assert state.layers[1]["k"].dtype == torch.bfloat16      # attention cache in the weights' dtype
+    assert state.layers[0].dtype == torch.float32            # recurrent state accumulates in fp32
+    ids = torch.randint(0, V, (2, 5))
+    full = model(ids)
+    for t in range(5):
+        logits, state = model.step(ids[:, t], state)
+    assert state.layers[0].dtype == torch.float32
+    torch.testing.assert_close(logits, full[:, -1], rtol=0.05, atol=0.05)
