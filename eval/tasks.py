@@ -28,29 +28,32 @@ MQAR_FILL = 0
 
 
 def mqar(rng: np.random.Generator, seq_len: int, vocab_size: int = 8192, num_kv_pairs: int = 8,
-         power_a: float = 0.01) -> Dict[str, Any]:
+         power_a: float = 0.01, num_queries: int = 0) -> Dict[str, Any]:
     """Multi-query associative recall, Zoology layout (see module doc).
 
     tokens: k_1 v_1 ... k_n v_n | 0 ... k_{pi(1)} v_{pi(1)} 0 ... ; a query slot is an even
     offset in the query section; slot s is drawn with probability proportional to s^(a-1)
     (small gaps likely, a power law). loss_mask is True at each queried key.
+    num_queries 0 (Zoology): every key queried once. Fewer: a random subset. More: keys drawn
+    with replacement, so no answer can be had by elimination (the last unqueried value).
     """
     n = num_kv_pairs
+    nq = num_queries or n
     L = seq_len + 1
     half = vocab_size // 2
     if n < 1 or half - 1 < n or vocab_size - half < n:
         raise ValueError(f"data.task_args.num_kv_pairs: {n} pairs need vocab_size >= {2 * n + 2}, got {vocab_size}")
     space = (L - 2 * n) // 2
-    if space < n:
-        raise ValueError(f"data.task_args.num_kv_pairs: {n} pairs and {n} queries do not fit seq_len {seq_len} "
-                         f"(need seq_len >= {4 * n - 1})")
+    if space < nq:
+        raise ValueError(f"data.task_args.num_kv_pairs: {n} pairs and {nq} queries do not fit seq_len {seq_len} "
+                         f"(need seq_len >= {2 * n + 2 * nq - 1})")
     keys = rng.choice(np.arange(1, half), size=n, replace=False)
     values = rng.choice(np.arange(half, vocab_size), size=n, replace=False)
     tokens = np.full(L, MQAR_FILL, np.int64)
     tokens[0:2 * n:2], tokens[1:2 * n:2] = keys, values
     p = power_a * np.arange(1, space + 1, dtype=np.float64) ** (power_a - 1)
-    slots = np.sort(rng.choice(space, size=n, replace=False, p=p / p.sum()))
-    order = rng.permutation(n)
+    slots = np.sort(rng.choice(space, size=nq, replace=False, p=p / p.sum()))
+    order = rng.permutation(n)[:nq] if nq <= n else rng.integers(0, n, size=nq)
     qpos = 2 * n + 2 * slots
     tokens[qpos], tokens[qpos + 1] = keys[order], values[order]
     mask = np.zeros(seq_len, bool)

@@ -40,6 +40,22 @@ def test_mqar_answers_and_no_leakage(n, seq_len, V):
         assert (tok[rest] == tasks.MQAR_FILL).all()
 
 
+@pytest.mark.parametrize("nq", [2, 9])
+def test_mqar_query_counts(nq):
+    for i in range(20):
+        out = tasks.mqar(_rng(i), 32, vocab_size=32, num_kv_pairs=4, num_queries=nq)
+        tok, qpos = out["tokens"], np.flatnonzero(out["loss_mask"])
+        assert len(qpos) == nq
+        pair = dict(zip(tok[0:8:2].tolist(), tok[1:8:2].tolist()))
+        for q in qpos:
+            assert tok[q + 1] == pair[int(tok[q])]
+            # every earlier sight of the answer follows its own key (the pair, or an earlier query)
+            for j in np.flatnonzero(tok[:q + 1] == tok[q + 1]):
+                assert tok[j - 1] == tok[q]
+        if nq < 4:
+            assert len(set(tok[qpos].tolist())) == nq
+
+
 def test_mqar_gaps_follow_a_power_law():
     # slot s drawn ~ s^(a-1): short gaps far more often than under a uniform draw
     firsts = [int(np.flatnonzero(tasks.mqar(_rng(i), 512, 256, 4)["loss_mask"])[0]) for i in range(200)]
