@@ -94,19 +94,28 @@ def _stage0_grad_norm(engine, cfg: RunConfig) -> Optional[float]:
     return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
 
-def evaluate(engine, cfg: RunConfig, mesh, micro: int, device) -> float:
-    """Global token-mean loss over train.val_batches batches of the validation split."""
-    loader = make_loader(cfg, "val", mesh.dp_rank, mesh.dp, mesh.sp_rank, mesh.sp, micro)
+def evaluate(engine, val_loader, n_batches: int, mesh, device) -> float:
+    """Global token-mean loss over the first `n_batches` batches of the validation loader.
+
+    The loader is rewound first, so every evaluation sees the same batches.
+    """
+    val_loader.load_state_dict({"step": 0})
+    it = iter(val_loader)
     engine.eval()
     total = count = 0.0
-    with torch.no_grad():
-        for _, batch in zip(range(cfg.train.val_batches), loader):
-            logits = _forward(engine, batch, mesh, device)
-            labels = batch["labels"].to(device)
-            total += F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                     ignore_index=-100, reduction="sum").item()
-            count += (labels != -100).sum().item()
-    engine.train()
+    try:
+        with torch.no_grad():
+            for _, batch in zip(range(n_batches), it):
+                logits = _forward(engine, batch, mesh, device)
+                labels = batch["labels"].to(device)
+                total += F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                         ignore_index=-100, reduction="sum").item()
+                count += (labels != -100).sum().item()
+    finally:
+        close = getattr(it, "close", None)
+        if close:
+            close()  # stops the loader's worker processes now
+        engine.train()
     total, count = _all_sum([total, count], device)
     return total / max(count, 1.0)
 
@@ -202,6 +211,8 @@ def train(cfg: RunConfig) -> Dict[str, Any]:
     torch.manual_seed(cfg.train.seed + 1 + rank)
 
     loader = make_loader(cfg, "train", mesh.dp_rank, dp, mesh.sp_rank, sp, micro)
+    # Built now so that a missing validation split stops the run before its first step.
+    val_loader = make_loader(cfg, "val", mesh.dp_rank, dp, mesh.sp_rank, sp, micro) if cfg.train.val_every else None
     state = TrainState()
     ckpt = resume_path(cfg)
     if ckpt is not None:
@@ -252,7 +263,7 @@ def train(cfg: RunConfig) -> Dict[str, Any]:
             if peak:
                 rec["mfu"] = rec["tokens_per_s"] * fpt / (peak * world)
             if cfg.train.val_every and state.step % cfg.train.val_every == 0:
-                rec["val_loss"] = evaluate(engine, cfg, mesh, micro, device)
+                rec["val_loss"] = evaluate(engine, val_loader, cfg.train.val_batches, mesh, device)
             mon.log(state.step, rec)
             if state.bad_in_row >= cfg.train.max_bad_steps:
                 raise TooManyBadSteps(

@@ -98,7 +98,9 @@ def nan_at(steps, gas):
 def _state_dict(ckpt):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return {k: v.detach().clone() for k, v in get_fp32_state_dict_from_zero_checkpoint(str(Path(ckpt) / "ds")).items()}
+    # numpy, not tensors: tensors cross run_world's queue through torch's fd sharing, which
+    # races with the worker's exit.
+    return {k: v.detach().numpy().copy() for k, v in get_fp32_state_dict_from_zero_checkpoint(str(Path(ckpt) / "ds")).items()}
 
 
 def scenarios(rank, world, root):
@@ -124,14 +126,15 @@ def scenarios(rank, world, root):
 
     # ZeRO stages: same losses and grad norms as stage 0.
     for stage in (0, 1, 2, 3):
-        run(f"stage{stage}", deepspeed={"zero_stage": stage})
+        run(f"stage{stage}", deepspeed={"zero_stage": stage}, train={"val_every": 2})
 
     # Per-block activation checkpointing recomputes the same numbers.
-    run("act_ckpt", train={"activation_checkpointing": True}, deepspeed={"zero_stage": 2})
+    run("act_ckpt", train={"activation_checkpointing": True, "val_every": 2}, deepspeed={"zero_stage": 2})
 
     # Sequence parallelism (dp 1 x sp 2): compared with single_runs() on one process.
     for stage in (2, 3):
-        run(f"sp2_stage{stage}", parallel={"sp": 2}, train={"micro_batch_size": 2}, deepspeed={"zero_stage": stage})
+        run(f"sp2_stage{stage}", parallel={"sp": 2}, train={"micro_batch_size": 2, "val_every": 2},
+            deepspeed={"zero_stage": stage})
 
     # NaN: constant LR, so that the skipped step can be compared with a run that stops before it.
     const = {"lr": 1e-2, "min_lr": 1e-2, "warmup_steps": 0}
@@ -176,5 +179,5 @@ def single_runs(rank, world, root):
     """The one-process reference for the sp = 2 runs of scenarios()."""
     from llm_lru.train import trainer
 
-    trainer.train(tiny_cfg(Path(root) / "single", train={"micro_batch_size": 2}))
+    trainer.train(tiny_cfg(Path(root) / "single", train={"micro_batch_size": 2, "val_every": 2}))
     return {"single": {"metrics": metrics(Path(root) / "single")}}
