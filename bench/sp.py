@@ -10,7 +10,11 @@ stops the ranks from pipelining). One thread per rank (torch.set_num_threads(1))
 Per rank, for one forward + backward of the tiny model on one sequence of --tokens tokens:
 - held: resident memory held after the forward (activations kept for backward, and logits),
   malloc_trim'd before and after; peak: the step's peak RSS (VmHWM) above the same baseline;
-- step time: median of --steps timed steps after one warm-up (the slowest rank's);
+- step time: median of --steps timed steps after one warm-up (the slowest rank's), wall clock
+  and process CPU time (the work one rank does; gloo waits block, they cost no CPU). On a
+  shared machine the wall-clock ratio mostly measures the other jobs: every layer's collective
+  waits for the rank the scheduler starved; the CPU ratio is what a core per rank would give
+  if communication were free;
 - carry bytes: what each rank's SP scans send and receive per layer per step (forward +
   backward), counted at the collectives, next to the size of one layer's activation (B, T/sp, D).
 Writes bench/results/sp.json and bench/results/sp.md. Ratios are against sp = 1 in this run.
@@ -116,14 +120,16 @@ def _worker(rank, world, cfg_kw, tokens, steps, carry, recompute, final_state):
         counter.bytes = counter.calls = 0
     value, held, peak = step(measure=True)
     exchanged, scans = (counter.bytes, counter.calls) if counter else (0, 0)
-    times = []
+    times, cpu = [], []
     for _ in range(steps):
         if world > 1:
             dist.barrier()
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         step()
         times.append(time.perf_counter() - t)
-    return dict(loss=value, held=held, peak=peak, step_s=statistics.median(times), exchanged=exchanged,
+        cpu.append(time.process_time() - c)
+    return dict(loss=value, held=held, peak=peak, step_s=statistics.median(times), cpu_s=statistics.median(cpu),
+                exchanged=exchanged,
                 scans=scans, act_layer=t_local * cfg_kw["d_model"] * 4)
 
 
@@ -140,7 +146,7 @@ def run(tokens: int, sps, steps: int, cfg_kw: dict):
         row = dict(sp=sp, carry=name, loss=per_rank[0]["loss"],
                    held_mb=max(r["held"] for r in per_rank) / 2**20,
                    peak_mb=max(r["peak"] for r in per_rank) / 2**20,
-                   step_s=max(r["step_s"] for r in per_rank),
+                   step_s=max(r["step_s"] for r in per_rank), cpu_s=max(r["cpu_s"] for r in per_rank),
                    carry_kb_per_layer=(max(r["exchanged"] / max(r["scans"], 1) for r in per_rank) / 1024),
                    act_kb_per_layer=per_rank[0]["act_layer"] / 1024, wall_s=time.time() - t0)
         rows.append(row)
@@ -150,6 +156,7 @@ def run(tokens: int, sps, steps: int, cfg_kw: dict):
         row["held_vs_sp1"] = row["held_mb"] / base["held_mb"]
         row["peak_vs_sp1"] = row["peak_mb"] / base["peak_mb"]
         row["speedup_vs_sp1"] = base["step_s"] / row["step_s"]
+        row["cpu_speedup_vs_sp1"] = base["cpu_s"] / row["cpu_s"]
     return rows
 
 
@@ -158,12 +165,13 @@ def write(rows, meta):
     (RESULTS / "sp.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2) + "\n")
     lines = [f"# Sequence parallelism on CPU ({meta['tokens']} tokens, model {meta['model']})", "",
              f"Baseline: sp = 1 in the same run. {meta['note']}", "",
-             "| sp | carry | held MB/rank | x sp1 | peak MB/rank | x sp1 | step s | speedup | "
-             "carry KB/layer/step | activation KB/layer | loss |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| sp | carry | held MB/rank | x sp1 | peak MB/rank | x sp1 | step s (wall) | speedup | "
+             "CPU s/rank | CPU speedup | carry KB/layer/step | activation KB/layer | loss |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['sp']} | {r['carry']} | {r['held_mb']:.1f} | {r['held_vs_sp1']:.2f} | {r['peak_mb']:.1f} | "
                      f"{r['peak_vs_sp1']:.2f} | {r['step_s']:.2f} | {r['speedup_vs_sp1']:.2f} | "
+                     f"{r['cpu_s']:.2f} | {r['cpu_speedup_vs_sp1']:.2f} | "
                      f"{r['carry_kb_per_layer']:.1f} | {r['act_kb_per_layer']:.0f} | {r['loss']:.6f} |")
     (RESULTS / "sp.md").write_text("\n".join(lines) + "\n")
 
@@ -188,7 +196,7 @@ def main(argv=None) -> int:
     write(rows, meta)
     for r in rows:
         print(f"sp={r['sp']} {r['carry']:>20}: held {r['held_vs_sp1']:.2f}x, peak {r['peak_vs_sp1']:.2f}x, "
-              f"speedup {r['speedup_vs_sp1']:.2f}x, carry {r['carry_kb_per_layer']:.1f} KB/layer vs "
+              f"speedup {r['speedup_vs_sp1']:.2f}x (CPU {r['cpu_speedup_vs_sp1']:.2f}x), carry {r['carry_kb_per_layer']:.1f} KB/layer vs "
               f"activation {r['act_kb_per_layer']:.0f} KB/layer")
     return 0
 
