@@ -5,8 +5,9 @@
    torchrun, with sequence parallelism sp = 2 and ZeRO-2; metrics, TensorBoard, checkpoints
 3. report: first vs last losses (the demo fails if the loss did not clearly fall)
 
-Everything goes under --out (default runs/demo): data/, run/ (the run dir). The prepared data
-is reused when present; the run dir is started afresh.
+Everything goes under --out (default runs/demo), which is the run dir (config.yaml,
+metrics.jsonl, tb/, checkpoints/) and holds the prepared shards in data/. The data is reused
+when present; the training artefacts are started afresh.
 """
 from __future__ import annotations
 
@@ -44,9 +45,13 @@ def prep(out: Path, max_bytes: str, vocab: int, seq_len: int) -> Path:
 
 def train(out: Path, data: Path, steps: int, nproc: int, sp: int, stage: int, extra: List[str]) -> Path:
     """Run `llm-lru train configs/tiny.yaml` under torchrun on `nproc` CPU processes."""
-    run = out / "run"
-    if run.exists():
-        shutil.rmtree(run)
+    run = out
+    for name in ("checkpoints", "tb", "metrics.jsonl", "config.yaml"):  # a fresh run, same data
+        p = run / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
     config = REPO / "configs" / "tiny.yaml"
     if not config.is_file():
         raise SystemExit(f"[demo] {config} not found: run the demo from a source checkout")
@@ -80,7 +85,7 @@ def report(run: Path) -> bool:
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of `llm-lru demo`."""
     ap = argparse.ArgumentParser(prog="llm-lru demo", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="runs/demo", help="folder for data/ and run/")
+    ap.add_argument("--out", default="runs/demo", help="the run dir; prepared data goes to OUT/data")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--max-bytes", default="4M", help="cap on the corpus bytes fed to prep")
     ap.add_argument("--vocab", type=int, default=2048, help="BPE vocabulary size")

@@ -38,8 +38,8 @@ def test_demo_end_to_end(tmp_path):
                         "--max-bytes", "1M"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "world 2 = dp 1 x sp 2, ZeRO-2" in p.stdout
-    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert rows[-1]["step"] == 80 and rows[-1]["loss"] < rows[0]["loss"] - 1.0
-    latest = (tmp_path / "run" / "checkpoints" / "latest").read_text().strip()
+    latest = (tmp_path / "checkpoints" / "latest").read_text().strip()
     assert latest == "step_00000080"
-    assert (tmp_path / "run" / "checkpoints" / latest / "COMPLETE").is_file()
+    assert (tmp_path / "checkpoints" / latest / "COMPLETE").is_file()
