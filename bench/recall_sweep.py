@@ -6,7 +6,7 @@ sweep still leaves its partial table).
 Baseline: the diagonal gated recurrence (glru) of the same run; each cell prints its ratio to it.
 
     python bench/recall_sweep.py [--config FILE] [--only-tasks a,b] [--only-mixers x,y]
-                                 [--steps N] [--out DIR]
+                                 [--steps N] [--out DIR] [--name STEM]
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ BASELINE = "glru"
 def markdown(results, meta) -> str:
     t = sweep_table(results)
     lines = ["# Recall / state-tracking sweep", "",
-             f"- config: {meta['config']}, {meta['max_steps']} (see json) steps per run, machine: {meta['machine']}",
+             f"- config: {meta['config']}, {meta['max_steps']} steps per run, machine: {meta['machine']}",
              f"- every model: d_model 64, 2 layers, trained from scratch by llm_lru.train on the task; "
              f"accuracy = greedy answers right / answers on {meta['eval_samples']} fresh samples",
              f"- baseline for the ratios: {BASELINE} (diagonal gated recurrence)", "",
@@ -57,6 +57,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=0, help="override train.max_steps of every run")
     ap.add_argument("--out", default=str(ROOT / "bench/results"))
     ap.add_argument("--runs-dir", default="/tmp/llm_lru_recall_sweep")
+    ap.add_argument("--name", default="recall_sweep", help="results file stem under --out")
     args = ap.parse_args()
     sweep = OmegaConf.to_container(OmegaConf.load(args.config), resolve=True)
     if args.only_tasks:
@@ -72,10 +73,10 @@ def main() -> int:
             f"{os.cpu_count()} cores, OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}", "started": time.ctime()}
 
     def save(results):
-        (out / "recall_sweep.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1, default=str))
-        (out / "recall_sweep.md").write_text(markdown(results, meta))
+        (out / f"{args.name}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1, default=str))
+        (out / f"{args.name}.md").write_text(markdown(results, meta))
 
-    res = run_sweep(sweep, Path(args.runs_dir), meta["eval_samples"], on_result=save)
+    res = run_sweep(sweep, Path(args.runs_dir) / args.name, meta["eval_samples"], on_result=save)
     save(res["results"])
     acc = {(r["task"], r["mixer"]): r.get("accuracy") for r in res["results"]}
     for (task, mixer), a in acc.items():
