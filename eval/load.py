@@ -3,8 +3,8 @@
     target = load_target(path, tokenizer=None)   # -> EvalTarget(model, tokenizer, cfg, ...)
 
 Checkpoints go through the export issue's resolver (llm_lru.export.source: run layout, ZeRO
-consolidation, key matching); an export folder (config.json with model_type llm_lru) loads with
-transformers' AutoModelForCausalLM and its `.model` (a HybridLM) is what the suites drive.
+consolidation, key matching); an export folder (config.json with model_type llm_lru) through its
+llm_lru.export.load.load_hybrid. Either way the suites drive a HybridLM.
 """
 from __future__ import annotations
 
@@ -65,11 +65,11 @@ def is_export_dir(path: Path) -> bool:
 
 
 def load_export(path: Path, tokenizer: Optional[str] = None) -> EvalTarget:
-    """An exported folder: transformers loads it (remote code), we keep its HybridLM."""
-    from transformers import AutoModelForCausalLM
+    """An exported folder, through the export issue's loader (transformers checks the weights;
+    the weights land in this package's HybridLM)."""
+    from llm_lru.export.load import load_hybrid
 
-    hf = AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=True, dtype=torch.float32)
-    model = hf.model.eval()
+    model = load_hybrid(path, torch.float32)
     tok = resolve_tokenizer(tokenizer) if tokenizer else None
     if tok is None and (path / "tokenizer.json").is_file():
         tok = resolve_tokenizer(str(path / "tokenizer.json"))
