@@ -23,7 +23,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue) -> None:
+def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue, received) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
@@ -31,6 +31,9 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, qu
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         out = fn(rank, world_size, *args)
         queue.put((rank, "ok", out))
+        # Tensors travel as shared-memory handles that this process serves: stay alive until
+        # the parent has unpickled every result.
+        received.wait(timeout=600)
     except BaseException:
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -46,8 +49,10 @@ def run_world(fn: Callable, world_size: int, *args: Any, timeout: float = 300) -
     """Run fn(rank, world_size, *args) on world_size gloo processes; results in rank order."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
+    received = ctx.Event()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, received))
+             for r in range(world_size)]
     for p in procs:
         p.start()
     results: dict = {}
@@ -58,6 +63,7 @@ def run_world(fn: Callable, world_size: int, *args: Any, timeout: float = 300) -
                 raise RuntimeError(f"rank {rank} failed:\n{out}")
             results[rank] = out
     finally:
+        received.set()
         for p in procs:
             p.join(timeout=30)
             if p.is_alive():
