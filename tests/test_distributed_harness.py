@@ -1,10 +1,17 @@
-"""The gloo test harness returns the ranks' tensors intact (they are shared-memory handles)."""
+"""The gloo test harness returns the ranks' tensors intact (they travel as shared-memory handles)."""
 import torch
+
 from tests.distributed import run_world
-def f(rank, ws):
+
+
+def _reduce_and_return(rank, world_size):
     import torch.distributed as dist
-    t = torch.full((1000,), float(rank)); dist.all_reduce(t)
-    return {"t": t, "big": torch.randn(100000)}
-def test_tensors_come_back():
-    out = run_world(f, 2)
-    assert all(float(o["t"][0]) == 1.0 for o in out) and out[1]["big"].shape == (100000,)
+    t = torch.full((1000,), float(rank))
+    dist.all_reduce(t)
+    return {"sum": t, "big": torch.full((100_000,), float(rank))}
+
+
+def test_tensors_come_back_from_every_rank():
+    out = run_world(_reduce_and_return, 2)
+    assert [float(o["sum"][0]) for o in out] == [1.0, 1.0]
+    assert [float(o["big"][-1]) for o in out] == [0.0, 1.0]
