@@ -87,13 +87,13 @@ def test_sweep_table_shape():
 
 
 @pytest.mark.slow
-def test_tiny_model_trained_on_easy_mqar_recalls_from_context(tmp_path):
+def test_tiny_model_learns_easy_mqar(tmp_path):
     """Through the normal trainer (DeepSpeed, world of one), then loaded back as `llm-lru eval` does.
 
-    2 pairs, 8 possible values: chance is 1/8. Measured here (2-core CPU, 400 steps, ~2.5 min):
-    accuracy 0.73-0.75, the 'elimination' plateau (the first query right half the time, the second
-    almost always). Breaking it (key-value association, > 0.9) took more than 1000 steps in every
-    setting tried on this machine, so the bar is the plateau, well above chance.
+    2 pairs, 8 possible values: chance is 1/8. Measured on the 2-core CPU (~4.5 min): up to ~1000
+    steps the model sits on the 'elimination' plateau (0.73-0.75: the first query right half the
+    time, the second always); by 3000 steps key-value association has formed: accuracy 0.88
+    (first query 0.84, second 0.93).
     """
     from llm_lru.config import from_dict
 
@@ -101,12 +101,12 @@ def test_tiny_model_trained_on_easy_mqar_recalls_from_context(tmp_path):
         "out_dir": str(tmp_path / "run"),
         "model": {"vocab_size": 16, "d_model": 64, "n_layers": 2, "pattern": "AA", "n_heads": 2},
         "data": {"source": "synthetic", "task": "mqar", "task_args": {"num_kv_pairs": 2}},
-        "train": {"seq_len": 16, "global_batch_size": 64, "max_steps": 400, "lr": 3e-3, "min_lr": 3e-4,
+        "train": {"seq_len": 16, "global_batch_size": 32, "max_steps": 3000, "lr": 3e-3, "min_lr": 3e-4,
                   "warmup_steps": 10, "weight_decay": 0.0},
         "logging": {"tensorboard": False, "progress": "lines", "log_every": 100}, "checkpoint": {"keep": 1}})
     res = recall.train_and_score(cfg, eval_samples=256)
-    assert res["steps"] == 400
-    assert res["accuracy"] >= 0.65, res
+    assert res["steps"] == 3000
+    assert res["accuracy"] >= 0.8, res
 
 
 @pytest.mark.slow
