@@ -60,6 +60,10 @@ def make_sample(name: str, rng: np.random.Generator, seq_len: int, task_args: Di
                 vocab_size: int = 0):
     """Run task `name` once and check its output: (tokens (L+1,), loss_mask (L,), doc_start (L,))."""
     if name not in TASKS:
+        # The recall and state-tracking tasks register themselves in llm_lru.eval.tasks; a fresh
+        # `llm-lru train data.task=mqar` process has not imported it yet.
+        import llm_lru.eval.tasks  # noqa: F401
+    if name not in TASKS:
         raise ValueError(f"data.task: unknown synthetic task '{name}' (registered: {', '.join(sorted(TASKS))})")
     fn = TASKS[name]
     args = dict(task_args)

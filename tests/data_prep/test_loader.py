@@ -265,3 +265,16 @@ def test_synthetic_copy_task_and_registry():
     bad = from_dict({"data": {"source": "synthetic", "task": "nope"}, "train": {"seq_len": 8}})
     with pytest.raises(ValueError, match="data.task"):
         build_loader(bad)
+
+
+def test_eval_tasks_resolve_in_a_fresh_process():
+    # `llm-lru train data.task=mqar` starts with no eval module imported.
+    import subprocess
+    import sys
+    code = ("import numpy as np\n"
+            "from llm_lru.data_prep.synthetic import make_sample\n"
+            "tokens, mask, starts = make_sample('mqar', np.random.default_rng(0), 64, {}, 64)\n"
+            "print(len(tokens))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "65"
