@@ -6,7 +6,6 @@ import torch
 
 from llm_lru.models import BDLRU, BLUR, GLRU, HLRU, LRU, Attention
 
-torch.set_default_dtype(torch.float64)
 B, T, D = 2, 11, 12
 
 
@@ -120,8 +119,13 @@ def attention_loop(mod: Attention, x, ds=None):
 
 
 @pytest.fixture(autouse=True)
-def seed():
+def float64_and_seed():
+    # Float64 so the loops here are exact references; restored so other modules are unaffected.
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
     torch.manual_seed(0)
+    yield
+    torch.set_default_dtype(old)
 
 
 @pytest.mark.parametrize("with_docs", [False, True])
