@@ -4,6 +4,7 @@
 2. train: configs/tiny.yaml (BD-LRU + attention hybrid) for 300 steps on two CPU processes under
    torchrun, with sequence parallelism sp = 2 and ZeRO-2; metrics, TensorBoard, checkpoints
 3. report: first vs last losses (the demo fails if the loss did not clearly fall)
+4. export: the newest checkpoint -> an HF-format folder (OUT/export), then generate from it
 
 Everything goes under --out (default runs/demo), which is the run dir (config.yaml,
 metrics.jsonl, tb/, checkpoints/) and holds the prepared shards in data/. The data is reused
@@ -82,6 +83,21 @@ def report(run: Path) -> bool:
     return last < first - 1.0
 
 
+def export_and_generate(run: Path, prompt: str, new_tokens: int) -> Path:
+    """Export the run's newest checkpoint to run/export and stream a few lines from it."""
+    from llm_lru.export.cli import main as export_main
+    from llm_lru.export.generate import main as generate_main
+
+    folder = run / "export"
+    print(f"[demo] export: {run} -> {folder}", flush=True)
+    if export_main([str(run), "--out", str(folder)]):
+        raise SystemExit("[demo] export failed")
+    print(f"[demo] generate: {prompt!r}", flush=True)
+    if generate_main([str(folder), "--prompt", prompt, "--max-new-tokens", str(new_tokens), "--temperature", "0"]):
+        raise SystemExit("[demo] generation failed")
+    return folder
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of `llm-lru demo`."""
     ap = argparse.ArgumentParser(prog="llm-lru demo", description=__doc__.split("\n\n")[0])
@@ -92,6 +108,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--sp", type=int, default=2)
     ap.add_argument("--zero-stage", type=int, default=2)
+    ap.add_argument("--prompt", default="def read_file(path):\n", help="prompt for the generation step")
+    ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("overrides", nargs="*", help="extra key=value overrides for training")
     args = ap.parse_args(argv)
     t0 = time.time()
@@ -99,5 +117,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     data = prep(out, args.max_bytes, args.vocab, seq_len=256)
     run = train(out, data, args.steps, args.nproc, args.sp, args.zero_stage, args.overrides)
     ok = report(run)
+    export_and_generate(run, args.prompt, args.new_tokens)
     print(f"[demo] done in {time.time() - t0:.0f} s" + ("" if ok else " -- but the loss did not fall clearly"))
     return 0 if ok else 1
