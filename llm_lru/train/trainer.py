@@ -204,7 +204,8 @@ def train(cfg: RunConfig) -> Dict[str, Any]:
     model = build_model(cfg)
     n_params = sum(p.numel() for p in model.parameters())
     if sp > 1:
-        model = parallelize(model, mesh, carry=cfg.parallel.carry)
+        # Training never reads the final recurrent state: skip its collective (and let ring ranks run ahead).
+        model = parallelize(model, mesh, carry=cfg.parallel.carry, final_state=False)
     engine, optimizer = build_engine(model, cfg, world)
     device = engine.device
     # Per-rank streams from here on (dropout-free today, but samplers and future noise differ).
