@@ -494,3 +494,144 @@ def companion_product_chunked(a: Tensor, reverse: bool = False, reset: Optional[
     eye = torch.eye(m, dtype=dt, device=a.device)
     cols = [companion_scan_chunked(a, zero, eye[j].expand(B, N, m), reverse, reset)[1] for j in range(m)]
     return torch.stack(cols, -1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Slice carries for sequence parallelism: (P, s) with h_last(h0) = P h0 + s in one pass.
+# Values only (no autograd): sequence parallelism calls them under no_grad and differentiates the
+# rescan from the folded carry instead. Pass 1 of the chunked scans, keeping only the current step
+# (never the per-step states), then a fold of the chunk maps [P | s] in scan order.
+
+def _fold_maps(E: Tensor, chunks) -> Tensor:
+    """E: (nc, R, m, m+1) chunk maps [P | s] -> the whole slice's [P | s] (R, m, m+1), along `chunks`."""
+    Y = E[chunks[0]].clone()
+    m = Y.shape[-2]
+    for c in chunks[1:]:
+        Y = torch.bmm(E[c, :, :, :m], Y)
+        Y[:, :, m].add_(E[c, :, :, m])
+    return Y
+
+
+def block_carry(A: Tensor, u: Tensor, reverse: bool = False, chunk: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+    """Carry of a block slice: P = A_T ... A_1 (reverse A_1 ... A_T) and s = h_last from zero.
+
+    A: (B, T, N, m, m)  u: (B, T, N, m) -> P (B, N, m, m), s (B, N, m), accumulation dtype.
+    Document starts: mask A first (ops.transition_mask). Costs pass 1 of block_scan_chunked with a
+    rolling step buffer: no (B, T, N, m) output, no correction pass.
+    """
+    check_block(A, u, None)
+    B, T, N, m = u.shape
+    C = min(chunk or default_chunk(T), T)
+    dt = acc_dtype(A, u)
+    nc = -(-T // C)
+    eye = torch.eye(m, dtype=dt, device=u.device)
+    steps, chunks = _orders(C, nc, reverse)
+    with torch.no_grad():
+        if m >= _BMM_FROM:  # array of structs, one batched matmul per step (see _block_core_bmm)
+            M = B * nc * N
+            Af = _chunk(A, C, nc, eye, dt).view(C, M, m, m)
+            uf = _chunk(u, C, nc, 0.0, dt).view(C, M, m)
+            X = torch.cat([Af[steps[0]], uf[steps[0], :, :, None]], -1)  # (M, m, m+1) = [Pcum | local]
+            Y = torch.empty_like(X)
+            for t in steps[1:]:
+                torch.bmm(Af[t], X, out=Y)
+                Y[:, :, m].add_(uf[t])
+                X, Y = Y, X
+            E = X.view(B, nc, N, m, m + 1).transpose(0, 1)
+        else:  # struct of arrays: m elementwise multiply-adds per step (see _block_core)
+            As = torch.empty((C, m, m, B, nc, N), dtype=dt, device=u.device)
+            _chunk(A, C, nc, eye, dt, out=As.permute(0, 3, 4, 5, 1, 2))
+            us = torch.empty((C, m, B, nc, N), dtype=dt, device=u.device)
+            _chunk(u, C, nc, 0.0, dt, out=us.permute(0, 2, 3, 4, 1))
+            X = torch.empty((m, m + 1, B, nc, N), dtype=dt, device=u.device)  # [Pcum | local]
+            Y = torch.empty_like(X)
+            X[:, :m] = As[steps[0]]
+            X[:, m] = us[steps[0]]
+            for t in steps[1:]:  # X_t = A_t X_{t-1} + [0 | u_t], every chunk at once
+                At = As[t]
+                torch.mul(At[:, 0, None], X[0, None], out=Y)
+                for k in range(1, m):
+                    Y.addcmul_(At[:, k, None], X[k, None])
+                Y[:, m].add_(us[t])
+                X, Y = Y, X
+            E = X.permute(3, 2, 4, 0, 1)  # (nc, B, N, m, m+1)
+        Y = _fold_maps(E.reshape(nc, B * N, m, m + 1), chunks).view(B, N, m, m + 1)
+    return Y[..., :m], Y[..., m]
+
+
+def diag_carry(a: Tensor, u: Tensor, reverse: bool = False, chunk: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+    """Carry of a diagonal slice: P = prod_t a_t, s = h_last from zero.
+
+    a, u: (B, T, N) -> P (B, N), s (B, N), accumulation dtype. Mask a first for document starts.
+    """
+    check_diag(a, u, None)
+    B, T, N = u.shape
+    C = min(chunk or default_chunk(T), T)
+    dt = acc_dtype(a, u)
+    nc = -(-T // C)
+    with torch.no_grad():
+        ac = _chunk_or_view(a, C, nc, 1.0, dt)  # (C, B, nc, N)
+        uc = _chunk_or_view(u, C, nc, 0.0, dt)
+        steps, chunks = _orders(C, nc, reverse)
+        s, spare = uc[steps[0]].clone(), torch.empty_like(uc[0])
+        for t in steps[1:]:
+            torch.addcmul(uc[t], ac[t], s, out=spare)
+            s, spare = spare, s
+        P = ac.prod(0)  # (B, nc, N), exact with zeros (no division)
+        Pt, st = P[:, chunks[0]].clone(), s[:, chunks[0]].clone()
+        for c in chunks[1:]:
+            st = torch.addcmul(s[:, c], P[:, c], st)
+            Pt.mul_(P[:, c])
+    return Pt, st
+
+
+def companion_carry(a: Tensor, x: Tensor, reverse: bool = False, reset: Optional[Tensor] = None,
+                    chunk: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+    """Carry of a companion (H-LRU) slice: P = companion_product_chunked(a, reverse, reset) and
+    s = companion_scan_chunked(a, x, None, reverse, reset)[1], in one pass.
+
+    a: (B, T, N, m)  x: (B, T, N)  reset: (B, T) bool per-step cuts or None
+    -> P (B, N, m, m), s (B, N, m), accumulation dtype. Within each chunk the m impulse responses
+    to the incoming state ride along with the local output (as in _hist_core), on a ring of the
+    last m + 1 rows; the chunk-end states [P | s] are then folded.
+    """
+    check_companion(a, x, None, reset)
+    if reverse:  # reverse time is forward time on flipped sequences
+        a, x = a.flip(1), x.flip(1)
+        reset = None if reset is None else reset.flip(1)
+    B, T, N, m = a.shape
+    C = min(chunk or default_chunk(T), T)
+    dt = acc_dtype(a, x)
+    nc = -(-T // C)
+    with torch.no_grad():
+        q = None if reset is None else _quiet(reset, m)
+        c = a.to(dt) if q is None else a.to(dt) * q[:, :, None, 1:]
+        cs = torch.empty((C, m, B, nc, N), dtype=dt, device=x.device)  # coefficients, oldest first
+        _chunk(c.flip(-1), C, nc, 0.0, dt, out=cs.permute(0, 2, 3, 4, 1))
+        xs = _chunk(x, C, nc, 0.0, dt)  # (C, B, nc, N)
+        # Ring: time tau in -m..C-1 lives in slot (tau + m) % (m + 1); y_{-k} = e_{k-1} to start.
+        Z = torch.zeros((m + 1, m + 1, B, nc, N), dtype=dt, device=x.device)
+        Z[:m, :m] = torch.eye(m, dtype=dt, device=x.device).flip(0).view(m, m, 1, 1, 1)
+        last = (T - 1) - (nc - 1) * C  # the slice's last step inside the last chunk
+        slot = lambda tau: (tau + m) % (m + 1)  # noqa: E731
+        ends = lambda t: Z[[slot(t - j) for j in range(m)]]  # noqa: E731  (m, m+1, B, nc, N), state j = time t-j
+        tail = None
+        for t in range(C):
+            row = Z[slot(t)]
+            row.zero_()
+            row[m] = xs[t]
+            for j in range(m):
+                row.addcmul_(cs[t, j, None], Z[slot(t - m + j)])
+            if t == last and last < C - 1:
+                tail = ends(t)[:, :, :, nc - 1].clone()
+        end = ends(C - 1)
+        if tail is not None:
+            end[:, :, :, nc - 1] = tail
+        if q is not None:  # state entries from before a cut are zeroed (as in _hist_core / s_last)
+            tend = torch.arange(nc, device=x.device) * C + C - 1
+            tend[-1] = T - 1
+            qe = q[:, tend, :m]  # (B, nc, m)
+            end = end * qe.permute(2, 0, 1)[:, None, :, :, None]
+        E = end.permute(3, 2, 4, 0, 1).reshape(nc, B * N, m, m + 1)
+        Y = _fold_maps(E, list(range(nc))).view(B, N, m, m + 1)
+    return Y[..., :m], Y[..., m]

@@ -46,6 +46,15 @@ class GatedBlockScan(ScanOp):
     def product(self, logits, reverse=False, reset=None):
         return BLOCK.product(self.split(logits)[0], reverse, reset)
 
+    def carry(self, logits, v, reverse=False, reset=None):
+        """(P, s) of the slice in one pass, the gates normalised once. Values only (no autograd)."""
+        with torch.no_grad():
+            if _use_triton(logits):
+                from .triton import block_carry_triton
+                return block_carry_triton(logits, v, reverse, transition_mask(reset, reverse), norm=self.norm)
+            A, a0 = self.split(logits)
+            return BLOCK.carry(A, a0 * v.to(a0.dtype), reverse, reset)
+
     def __repr__(self) -> str:
         return f"GatedBlockScan(norm={self.norm!r})"
 
@@ -78,6 +87,15 @@ class GatedCompanionScan(ScanOp):
 
     def apply(self, P, h):
         return COMPANION.apply(P, h)
+
+    def carry(self, logits, v, reverse=False, reset=None):
+        """(P, s) of the slice in one pass, the gates normalised once. Values only (no autograd)."""
+        with torch.no_grad():
+            if _use_triton(logits):
+                from .triton import companion_carry_triton
+                return companion_carry_triton(logits, v, reverse, transition_mask(reset, reverse), norm=self.norm)
+            a, a0 = self.split(logits)
+            return COMPANION.carry(a, a0 * v.to(a0.dtype), reverse, reset)
 
     def __repr__(self) -> str:
         return f"GatedCompanionScan(norm={self.norm!r})"

@@ -3,7 +3,9 @@
 A mixer holds one `ScanOp` and calls `op(trans, u, h0, reverse, reset)`. Sequence parallelism
 (llm_lru.parallel) wraps the same op and needs two more things from it, both exact:
 `product(trans, reverse, reset)`, the state map P of a whole slice (h_last(h0) = P h0 + h_last(0)),
-and `apply(P, h)`. State layouts: block/companion (B, N, m), diag (B, N).
+and `apply(P, h)`. The built-in ops also offer `carry(trans, u, reverse, reset) -> (P, s)`, both in
+one pass (s = h_last from zero; values only, no autograd), which sequence parallelism prefers.
+State layouts: block/companion (B, N, m), diag (B, N).
 
 Backend choice (LLM_LRU_SCAN or `set_backend`): "auto" (Triton on CUDA tensors, the fast
 PyTorch path on CPU), "torch", "triton", "ref" (sequential reference, for tests).
@@ -73,6 +75,11 @@ class ScanOp:
         """P h for this op's state layout (block: (B,N,m,m) x (B,N,m))."""
         return torch.einsum("bnij,bnj->bni", P, h)
 
+    def _carry_ref(self, trans: Tensor, u: Tensor, reverse: bool, reset: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        """(product, h_last from zero) the two-pass way: what every `carry` must equal."""
+        with torch.no_grad():
+            return self.product(trans, reverse, reset), self(trans, u, None, reverse, reset)[1]
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -89,6 +96,18 @@ class BlockScan(ScanOp):
     def product(self, A, reverse=False, reset=None):
         from . import block_product
         return block_product(_mask(A, reset, reverse), reverse)
+
+    def carry(self, A, u, reverse=False, reset=None):
+        """(P, s) of the slice in one pass: product(A) and h_last from zero. Values only."""
+        from . import backend_for
+        backend = backend_for(A, u)
+        if backend == "ref":
+            return self._carry_ref(A, u, reverse, reset)
+        if backend == "triton":
+            from .triton import block_carry_triton
+            return block_carry_triton(A, u, reverse, transition_mask(reset, reverse))
+        from .chunked import block_carry
+        return block_carry(_mask(A, reset, reverse), u, reverse)
 
 
 class DiagScan(ScanOp):
@@ -107,6 +126,19 @@ class DiagScan(ScanOp):
     def apply(self, P, h):
         return P * h
 
+    def carry(self, a, u, reverse=False, reset=None):
+        """(P, s) of the slice in one pass: prod(a) (B, N) and h_last from zero (B, N). Values only."""
+        from . import backend_for
+        backend = backend_for(a, u)
+        if backend == "ref":
+            return self._carry_ref(a, u, reverse, reset)
+        if backend == "triton":  # the block kernel with m = 1
+            from .triton import block_carry_triton
+            P, s = block_carry_triton(a[..., None, None], u[..., None], reverse, transition_mask(reset, reverse))
+            return P[..., 0, 0], s[..., 0]
+        from .chunked import diag_carry
+        return diag_carry(_mask(a, reset, reverse), u, reverse)
+
 
 class CompanionScan(ScanOp):
     """trans = a: (B, T, N, m) (first row of the companion matrix), u = x: (B, T, N), state (B, N, m).
@@ -123,6 +155,19 @@ class CompanionScan(ScanOp):
     def product(self, a, reverse=False, reset=None):
         from . import companion_product
         return companion_product(a, reverse, transition_mask(reset, reverse))
+
+    def carry(self, a, x, reverse=False, reset=None):
+        """(P, s) of the slice in one pass: product and last state from zero. Values only."""
+        from . import backend_for
+        backend = backend_for(a, x)
+        if backend == "ref":
+            return self._carry_ref(a, x, reverse, reset)
+        cut = transition_mask(reset, reverse)
+        if backend == "triton":
+            from .triton import companion_carry_triton
+            return companion_carry_triton(a, x, reverse, cut)
+        from .chunked import companion_carry
+        return companion_carry(a, x, reverse, cut)
 
 
 BLOCK = BlockScan()
