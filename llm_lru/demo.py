@@ -90,10 +90,12 @@ def export_and_generate(run: Path, prompt: str, new_tokens: int) -> Path:
 
     folder = run / "export"
     print(f"[demo] export: {run} -> {folder}", flush=True)
-    if export_main([str(run), "--out", str(folder)]):
+    if export_main([str(run), "--out", str(folder), "--overwrite"]):  # the demo owns its run dir
         raise SystemExit("[demo] export failed")
     print(f"[demo] generate: {prompt!r}", flush=True)
-    if generate_main([str(folder), "--prompt", prompt, "--max-new-tokens", str(new_tokens), "--temperature", "0"]):
+    # Seeded sampling: a model this small repeats itself under greedy decoding.
+    if generate_main([str(folder), "--prompt", prompt, "--max-new-tokens", str(new_tokens),
+                      "--temperature", "0.8", "--top-k", "40", "--seed", "0"]):
         raise SystemExit("[demo] generation failed")
     return folder
 
@@ -108,7 +110,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--sp", type=int, default=2)
     ap.add_argument("--zero-stage", type=int, default=2)
-    ap.add_argument("--prompt", default="def read_file(path):\n", help="prompt for the generation step")
+    ap.add_argument("--prompt", default="import os\n", help="prompt for the generation step")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("overrides", nargs="*", help="extra key=value overrides for training")
     args = ap.parse_args(argv)
