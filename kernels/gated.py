@@ -21,45 +21,64 @@ def _use_triton(x: Tensor) -> bool:
     return backend == "triton" or (backend == "auto" and x.is_cuda)
 
 
-class GatedBlockScan(ScanOp):
+class _GatedScan(ScanOp):
+    """Gate logits in, normalised rows to `inner` (or the fused Triton kernels on CUDA)."""
+
+    inner: ScanOp
+
+    def __init__(self, norm: str = "softmax"):
+        self.norm = norm
+
+    def split(self, logits: Tensor):
+        """Normalised rows -> (transitions, input weight a0)."""
+        P = normalize_rows(logits, self.norm)
+        return P[..., :-1], P[..., -1]
+
+    def __call__(self, logits, v, h0=None, reverse=False, reset=None):
+        if _use_triton(logits):
+            return self.fused_scan(logits, v, h0, reverse, transition_mask(reset, reverse), norm=self.norm)
+        trans, a0 = self.split(logits)
+        return self.inner(trans, a0 * v.to(a0.dtype), h0, reverse, reset)
+
+    def product(self, logits, reverse=False, reset=None):
+        return self.inner.product(self.split(logits)[0], reverse, reset)
+
+    def apply(self, P, h):
+        return self.inner.apply(P, h)
+
+    def carry(self, logits, v, reverse=False, reset=None):
+        """(P, s) of the slice in one pass, the gates normalised once. Values only (no autograd)."""
+        with torch.no_grad():
+            if _use_triton(logits):
+                return self.fused_carry(logits, v, reverse, transition_mask(reset, reverse), norm=self.norm)
+            trans, a0 = self.split(logits)
+            return self.inner.carry(trans, a0 * v.to(a0.dtype), reverse, reset)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(norm={self.norm!r})"
+
+
+class GatedBlockScan(_GatedScan):
     """BD-LRU. trans = gate logits (B, T, N, m, m+1), u = values v (B, T, N, m); state (B, N, m).
 
     Rows normalised over m+1 entries: A_t = P[..., :m], u_t = P[..., m] * v_t.
     """
 
     name = "bdlru"
+    inner = BLOCK
 
-    def __init__(self, norm: str = "softmax"):
-        self.norm = norm
+    @staticmethod
+    def fused_scan(*args, **kw):
+        from .triton import bdlru_scan_triton
+        return bdlru_scan_triton(*args, **kw)
 
-    def split(self, logits: Tensor):
-        P = normalize_rows(logits, self.norm)
-        return P[..., :-1], P[..., -1]
-
-    def __call__(self, logits, v, h0=None, reverse=False, reset=None):
-        if _use_triton(logits):
-            from .triton import bdlru_scan_triton
-            return bdlru_scan_triton(logits, v, h0, reverse, transition_mask(reset, reverse), norm=self.norm)
-        A, a0 = self.split(logits)
-        return BLOCK(A, a0 * v.to(a0.dtype), h0, reverse, reset)
-
-    def product(self, logits, reverse=False, reset=None):
-        return BLOCK.product(self.split(logits)[0], reverse, reset)
-
-    def carry(self, logits, v, reverse=False, reset=None):
-        """(P, s) of the slice in one pass, the gates normalised once. Values only (no autograd)."""
-        with torch.no_grad():
-            if _use_triton(logits):
-                from .triton import block_carry_triton
-                return block_carry_triton(logits, v, reverse, transition_mask(reset, reverse), norm=self.norm)
-            A, a0 = self.split(logits)
-            return BLOCK.carry(A, a0 * v.to(a0.dtype), reverse, reset)
-
-    def __repr__(self) -> str:
-        return f"GatedBlockScan(norm={self.norm!r})"
+    @staticmethod
+    def fused_carry(*args, **kw):
+        from .triton import block_carry_triton
+        return block_carry_triton(*args, **kw)
 
 
-class GatedCompanionScan(ScanOp):
+class GatedCompanionScan(_GatedScan):
     """H-LRU. trans = gate logits (B, T, N, m+1), u = values v (B, T, N); state (B, N, m).
 
     Rows normalised over m+1 entries: a_{t,1..m} = P[..., :m], a_{t,0} = P[..., m];
@@ -67,35 +86,14 @@ class GatedCompanionScan(ScanOp):
     """
 
     name = "hlru"
+    inner = COMPANION
 
-    def __init__(self, norm: str = "softmax"):
-        self.norm = norm
+    @staticmethod
+    def fused_scan(*args, **kw):
+        from .triton import hlru_scan_triton
+        return hlru_scan_triton(*args, **kw)
 
-    def split(self, logits: Tensor):
-        P = normalize_rows(logits, self.norm)
-        return P[..., :-1], P[..., -1]
-
-    def __call__(self, logits, v, h0=None, reverse=False, reset=None):
-        if _use_triton(logits):
-            from .triton import hlru_scan_triton
-            return hlru_scan_triton(logits, v, h0, reverse, transition_mask(reset, reverse), norm=self.norm)
-        a, a0 = self.split(logits)
-        return COMPANION(a, a0 * v.to(a0.dtype), h0, reverse, reset)
-
-    def product(self, logits, reverse=False, reset=None):
-        return COMPANION.product(self.split(logits)[0], reverse, reset)
-
-    def apply(self, P, h):
-        return COMPANION.apply(P, h)
-
-    def carry(self, logits, v, reverse=False, reset=None):
-        """(P, s) of the slice in one pass, the gates normalised once. Values only (no autograd)."""
-        with torch.no_grad():
-            if _use_triton(logits):
-                from .triton import companion_carry_triton
-                return companion_carry_triton(logits, v, reverse, transition_mask(reset, reverse), norm=self.norm)
-            a, a0 = self.split(logits)
-            return COMPANION.carry(a, a0 * v.to(a0.dtype), reverse, reset)
-
-    def __repr__(self) -> str:
-        return f"GatedCompanionScan(norm={self.norm!r})"
+    @staticmethod
+    def fused_carry(*args, **kw):
+        from .triton import companion_carry_triton
+        return companion_carry_triton(*args, **kw)
