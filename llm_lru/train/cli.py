@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from datetime import timedelta
 from typing import List, Optional
 
 from llm_lru.config import ConfigError, RunConfig, check_world, load_config
@@ -39,6 +40,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _init_elastic_attempt(backend: str) -> None:
+    """Start the process group on a store namespace of this restart attempt.
+
+    torchrun's agent keeps one rendezvous store across restarts; the keys a killed attempt
+    wrote (its ranks' gloo addresses) are still there, and a restarted rank could read them and
+    dial a dead peer ("connectFullMesh ... Connection refused"). A prefix per attempt avoids it.
+    """
+    import torch.distributed as dist
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=(not agent_hosts_store and rank == 0), timeout=timedelta(minutes=30))
+    store = dist.PrefixStore(f"llm_lru/attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world)
+
+
 def init_world(cfg: RunConfig) -> None:
     """Join the torchrun/SLURM job from its env vars, or start a world of one."""
     import torch
@@ -55,6 +73,8 @@ def init_world(cfg: RunConfig) -> None:
     from llm_lru.train.engine import disable_cpu_shm_comm
 
     disable_cpu_shm_comm()
+    if "TORCHELASTIC_RESTART_COUNT" in os.environ:
+        _init_elastic_attempt(backend)
     import deepspeed
 
     deepspeed.init_distributed(dist_backend=backend)
