@@ -1,7 +1,8 @@
 """Collectives for sequence parallelism, with their autograd written out.
 
 Only operations that gloo and NCCL both have: all_gather_single (all_gather_into_tensor on older
-torch), all_reduce, broadcast, and blocking send / recv (FACTS.md: batch_isend_irecv followed by
+torch), all_reduce, broadcast, blocking send / recv, and isend whose completion is always waited
+for before the step ends (`send_async` / `wait_sends`; FACTS.md: batch_isend_irecv followed by
 destroy_process_group aborted at exit on gloo, so it is not used). Group-local ranks everywhere.
 """
 from __future__ import annotations
@@ -42,6 +43,23 @@ def all_reduce(x: Tensor, group: Any) -> Tensor:
 def send(x: Tensor, dst: int, group: Any) -> None:
     """Blocking send to group rank dst."""
     dist.send(x.contiguous(), group=group, group_dst=dst)
+
+
+_PENDING: list = []  # (work, tensor) of isends not yet waited for; the tensor stays alive until then
+
+
+def send_async(x: Tensor, dst: int, group: Any) -> None:
+    """Send to group rank dst without waiting for the receiver (a blocking send on gloo waits until
+    the receiver has posted its recv: the sender would idle for it). `wait_sends` completes it."""
+    x = x.contiguous()
+    _PENDING.append((dist.isend(x, group=group, group_dst=dst), x))
+
+
+def wait_sends() -> None:
+    """Wait for every pending `send_async` of this process."""
+    while _PENDING:
+        work, _ = _PENDING.pop(0)
+        work.wait()
 
 
 def recv(like: Tensor, src: int, group: Any) -> Tensor:

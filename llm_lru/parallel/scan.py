@@ -22,7 +22,11 @@ sequence start scans once (from h0) and differentiates once.
 
 carry="ring": rank k receives c_k from rank k-1 (blocking recv), scans once, sends c_{k+1};
 the final state is broadcast from the last rank. Backward: the gradient of c travels the other
-way, one send per rank. Fewer flops, but the slices are scanned one after another.
+way, one send per rank. Fewer flops, but the slices are scanned one after another. Under a graph
+the sends do not wait for the receiver (isend, waited for in backward and at backward's end), so
+a rank runs ahead of the ones it feeds and only the first layer's scan is a pipeline bubble.
+With final_state=False the last rank's (P, s) is folded by nobody: under "allgather" it skips
+its carry pass (zeros in the gather), so at sp = 2 only rank 1 waits, as in the ring.
 
 Gradient convention (both carries): the total loss is the SUM of the ranks' local losses; every
 input's gradient on every rank is exact for that total (h0's gradient lands on its owner, zeros
@@ -37,7 +41,7 @@ import torch
 
 from llm_lru.kernels.ops import ScanOp
 
-from .comm import all_gather, all_reduce, broadcast, group_rank, group_size, recv, send
+from .comm import all_gather, all_reduce, broadcast, group_rank, group_size, recv, send, send_async, wait_sends
 
 Tensor = torch.Tensor
 CARRIES = ("allgather", "ring")
@@ -191,6 +195,12 @@ class _AllGatherScan(torch.autograd.Function):
             h, s = sl.run(trans, u, h0, h0 is not None and h0.requires_grad, build)
             with torch.no_grad():  # P_0 is never needed; only its shape (one-step probe)
                 P = torch.zeros_like(inner.product(trans[:, :1], reverse, None))
+        elif k == K - 1 and not final_state:
+            # Nobody folds the last slice's (P, s) unless the sequence's final state is served:
+            # skip its carry pass and send zeros of the right shapes (one-step probes).
+            with torch.no_grad():
+                P = torch.zeros_like(inner.product(trans[:, :1], reverse, None))
+                s = torch.zeros_like(inner(trans[:, :1], u[:, :1], None, reverse, None)[1])
         else:
             with torch.no_grad():
                 P, s = _slice_carry(inner, trans, u, reverse, reset)
@@ -261,8 +271,8 @@ class _RingScan(torch.autograd.Function):
         c = h0 if k == 0 else recv(like, prev, group)
         h, d = sl.run(trans, u, c, k > 0 or (h0 is not None and h0.requires_grad), build)
         keep_k = _keep(reset, reverse, d, d.dtype)
-        if k < K - 1:
-            send(keep_k * d, nxt, group)
+        if k < K - 1:  # with a graph, do not idle until the next rank posts its recv
+            (send_async if build else send)(keep_k * d, nxt, group)
         _save(ctx, sl, build, trans, u, c)
         ctx.group, ctx.k, ctx.K, ctx.prev, ctx.nxt = group, k, K, prev, nxt
         ctx.sl, ctx.keep, ctx.h0_like, ctx.final_state = sl, keep_k, h0, final_state
@@ -274,6 +284,7 @@ class _RingScan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_h, g_final):
         sl, k, K = ctx.sl, ctx.k, ctx.K
+        wait_sends()  # the forward's carries: every rank has received them (it finished its forward)
         _restore(ctx, sl)
         g_h = torch.zeros_like(sl.h) if g_h is None else g_h
         total = None
@@ -287,7 +298,8 @@ class _RingScan(torch.autograd.Function):
         g_c = part.pop(id(sl.c), None) if sl.c is not None else None
         g_h0 = None
         if k > 0:
-            send(g_c if g_c is not None else torch.zeros_like(sl.c), ctx.prev, ctx.group)
+            send_async(g_c if g_c is not None else torch.zeros_like(sl.c), ctx.prev, ctx.group)
+            torch.autograd.Variable._execution_engine.queue_callback(wait_sends)  # done by backward's end
             if ctx.h0_like is not None and ctx.h0_like.requires_grad:
                 g_h0 = torch.zeros_like(ctx.h0_like)
         elif sl.c is not None and sl.c.requires_grad:
