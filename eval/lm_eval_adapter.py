@@ -1,15 +1,17 @@
 """lm-evaluation-harness adapter: `llm_lru` as an lm-eval model (loglikelihood, rolling
 loglikelihood, generate_until), every input read by chunked prefill, so no context window applies.
 
-lm-eval 0.4 finds models only in its own registry (no plugin entry points), so the model is
-registered when this module is imported. Run the harness through it:
+lm-eval 0.4 finds models only in its own registry (no plugin entry points); installing llm_lru
+adds a .pth hook (llm_lru/lm_eval_hook.py) that registers this class lazily, so lm-eval's own
+command runs it:
 
-    python -m llm_lru.eval.lm_eval_adapter run --model llm_lru \
+    lm_eval --model llm_lru \
         --model_args pretrained=RUN_OR_EXPORT_DIR[,tokenizer=bytes,chunk_size=1024] \
         --tasks my_task --include_path TASK_DIR
 
-(the arguments are lm-eval's own), or `llm-lru eval TARGET --suite lm-eval
-lm_eval_tasks=[...] lm_eval_include=DIR` for the report.
+`python -m llm_lru.eval.lm_eval_adapter run ...` takes the same arguments (for environments where
+.pth files are not processed, e.g. `python -S`), and `llm-lru eval TARGET --suite lm-eval
+lm_eval_tasks=[...] lm_eval_include=DIR` puts the results into the report.
 """
 from __future__ import annotations
 

@@ -102,6 +102,55 @@ def test_lm_eval_suite_on_local_tasks(tmp_path):
     assert m["tiny_rolling/bits_per_byte"] > 0
 
 
+def _fresh_python(code: str) -> str:
+    """stdout of a new interpreter of this environment (its site-packages .pth files active)."""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.strip()
+
+
+def test_installed_hook_registers_llm_lru_with_lm_eval():
+    """The installed llm_lru_lm_eval.pth: lm-eval's own registry lookup finds `llm_lru` (as the bare
+    `lm_eval --model llm_lru` does), and lm-eval's built-in names are still there."""
+    got = _fresh_python("from lm_eval.api.registry import get_model, model_registry\n"
+                        "print(get_model('llm_lru').__name__, 'hf' in model_registry, 'dummy' in model_registry)")
+    assert got == "LLMLRULM True True"
+
+
+def test_installed_hook_imports_nothing_heavy_at_startup():
+    got = _fresh_python("import sys; print([m for m in ('torch', 'lm_eval', 'llm_lru.eval') if m in sys.modules])")
+    assert got == "[]"
+
+
+def test_hook_registers_when_lm_eval_models_was_imported_first():
+    """install() after lm_eval.models is loaded registers at once (no finder needed)."""
+    got = _fresh_python("import sys\n"
+                        "sys.meta_path[:] = [f for f in sys.meta_path if type(f).__name__ != '_Finder']\n"
+                        "import lm_eval.models\n"
+                        "from lm_eval.api.registry import model_registry\n"
+                        "before = 'llm_lru' in model_registry\n"
+                        "from llm_lru import lm_eval_hook; lm_eval_hook.install()\n"
+                        "print(before, 'llm_lru' in model_registry)")
+    assert got == "False True"
+
+
+@pytest.mark.slow
+def test_bare_lm_eval_command(tmp_path):
+    """`lm_eval --model llm_lru ...`: lm-eval's own console script, nothing of ours in between."""
+    run = tmp_path / "run"
+    fake_run(run, {"model": {"vocab_size": 258, "d_model": 32, "n_layers": 2, "pattern": "BA", "n_heads": 2,
+                             "block_size": 2}, "data": {"source": "random"}, "train": {"seq_len": 24}})
+    (tmp_path / "tasks").mkdir()
+    tasks = write_tasks(tmp_path / "tasks")
+    lm_eval = Path(sys.executable).parent / "lm_eval"
+    proc = subprocess.run([str(lm_eval), "--model", "llm_lru",
+                           "--model_args", f"pretrained={run},tokenizer=bytes", "--tasks", "tiny_mc",
+                           "--include_path", str(tasks), "--output_path", str(tmp_path / "res")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "tiny_mc" in proc.stdout and "acc" in proc.stdout
+
+
 @pytest.mark.slow
 def test_lm_eval_command_line(tmp_path):
     """`python -m llm_lru.eval.lm_eval_adapter run --model llm_lru ...`: lm-eval's own CLI."""
