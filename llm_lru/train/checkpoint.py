@@ -4,6 +4,7 @@ Layout (RUN = cfg.out_dir)::
 
     RUN/config.yaml                 resolved config of the run (model.vocab_size filled in)
     RUN/metrics.jsonl               rank 0, one JSON object per optimizer step
+    RUN/metrics.superseded.jsonl    records of an interrupted attempt's steps that a resume recomputed
     RUN/tb/                         TensorBoard event files
     RUN/checkpoints/latest          text: the name of the newest complete checkpoint (e.g.
                                     step_00000200); replaced atomically (os.replace) only after

@@ -59,6 +59,32 @@ def _clean(v: Any) -> Any:
     return v
 
 
+def supersede_after(path: Path, step: int) -> int:
+    """Before a run resumes at `step`, move the records of later steps (the interrupted attempt's,
+    about to be recomputed) and any torn last line out of `path` into metrics.superseded.jsonl
+    beside it (appended: nothing is lost), so each step appears once. The TensorBoard writer
+    does the same with purge_step. Returns the number of lines moved."""
+    if not path.is_file():
+        return 0
+    keep, moved = [], []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec_step = json.loads(line).get("step")
+        except (json.JSONDecodeError, AttributeError):
+            rec_step = None  # a torn write of the killed attempt
+        (keep if isinstance(rec_step, int) and rec_step <= step else moved).append(line)
+    if not moved:
+        return 0
+    with open(path.with_name("metrics.superseded.jsonl"), "a") as f:  # first: a crash now loses nothing
+        f.write("".join(line + "\n" for line in moved))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(path)
+    return len(moved)
+
+
 class Monitor:
     """Writes the logs on rank 0; a no-op elsewhere."""
 
@@ -73,6 +99,7 @@ class Monitor:
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
+        supersede_after(run_dir / "metrics.jsonl", start_step)
         self.jsonl = open(run_dir / "metrics.jsonl", "a")
         if cfg.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter

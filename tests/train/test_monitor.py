@@ -45,3 +45,26 @@ def test_lr_schedule_warmup_then_cosine():
     assert lr_at(t, 0) == t.lr / 10 and lr_at(t, 9) == t.lr
     assert lr_at(t, 10) == t.lr and abs(lr_at(t, 60) - (t.lr + t.min_lr) / 2) < 1e-12
     assert lr_at(t, 110) == t.min_lr and lr_at(t, 500) == t.min_lr
+
+
+def test_resume_supersedes_the_interrupted_attempts_records(tmp_path):
+    """A run killed after logging steps 1-5 resumes from its step-3 checkpoint: metrics.jsonl keeps
+    steps 1-3 then the new 4-5, each once; the old 4-5 and a torn last line go to
+    metrics.superseded.jsonl."""
+    cfg = _cfg(tmp_path, "lines")
+    first = Monitor(cfg, tmp_path, 0, enabled=True)
+    for s in range(1, 6):
+        first.log(s, {"loss": float(s)})
+    first.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "lo')  # killed mid-write
+    again = Monitor(cfg, tmp_path, 3, enabled=True)
+    for s in (4, 5):
+        again.log(s, {"loss": 10.0 * s})
+    again.close()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in rows] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0)]
+    old = (tmp_path / "metrics.superseded.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in old[:2]] == [4, 5] and old[2] == '{"step": 6, "lo'
+    Monitor(cfg, tmp_path, 5, enabled=True).close()  # resuming at the last step moves nothing
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 5
