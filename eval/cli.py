@@ -6,6 +6,13 @@ checkpoint trained on a synthetic task, scored on fresh samples of it). Settings
 are the `eval` section of the config schema (llm_lru.config.EvalConfig): the run's own, then
 `key=value` overrides (with or without the `eval.` prefix). Writes DIR/report.json,
 DIR/report.md and the suites' PNG plots; a progress bar per suite on stderr.
+
+Under torchrun (WORLD_SIZE = K > 1) the long-context suites (ppl, passkey, niah) run with
+sequence parallelism over all K ranks (sp = K, dp = 1): each prefill chunk is split into K
+slices, one per rank (llm_lru.eval.prefill). Every rank runs the same loop; rank 0 alone shows
+the progress bars and writes the report and plots. Results equal the one-process run.
+
+    torchrun --nproc_per_node 4 -m llm_lru.cli eval RUN_DIR --suite ppl,passkey,niah --out DIR
 """
 from __future__ import annotations
 
@@ -29,6 +36,19 @@ SUITES = {"ppl": ("llm_lru.eval.ppl", "run"), "passkey": ("llm_lru.eval.passkey"
           "task": ("llm_lru.eval.recall", "run_suite"), "mqar": ("llm_lru.eval.recall", "run_mqar"),
           "state-tracking": ("llm_lru.eval.recall", "run_state_tracking"),
           "selective-copy": ("llm_lru.eval.recall", "run_selective_copy")}
+# Suites whose loops run through chunked prefill, and so under sequence parallelism.
+SP_SUITES = ("ppl", "passkey", "niah")
+
+
+def check_sp_suites(ecfg: EvalConfig, world: int) -> None:
+    """Refuse, before any collective, suites that cannot run split over `world` > 1 ranks."""
+    if world <= 1:
+        return
+    bad = [s for s in ecfg.suites if s not in SP_SUITES]
+    if bad:
+        raise ConfigError(f"eval.suites: {', '.join(bad)} cannot run under sequence parallelism "
+                          f"(WORLD_SIZE={world}); only {', '.join(SP_SUITES)} can. Run the others as one "
+                          "process (without torchrun)")
 
 
 def eval_config(base: Optional[EvalConfig], overrides: List[str]) -> EvalConfig:
@@ -56,7 +76,8 @@ def eval_config(base: Optional[EvalConfig], overrides: List[str]) -> EvalConfig:
 
 def run_suites(target, ecfg: EvalConfig, out: Path) -> List[Dict[str, Any]]:
     """Run each suite of ecfg.suites; a failing suite is reported (with its error) and the rest run."""
-    out.mkdir(parents=True, exist_ok=True)
+    if getattr(target, "is_main", True):
+        out.mkdir(parents=True, exist_ok=True)
     results = []
     for name in ecfg.suites:
         module, fn = SUITES[name]
@@ -80,6 +101,8 @@ def parse(argv: List[str]) -> argparse.Namespace:
     ap.add_argument("--chunk-size", type=int, default=0, help="tokens per prefill chunk (eval.chunk_size)")
     ap.add_argument("--max-length", type=int, default=0, help="leave out lengths above this (eval.max_length)")
     ap.add_argument("--sweep", default="", help="a recall sweep YAML (configs/sweeps/): train and score its runs")
+    ap.add_argument("--sp", type=int, default=0,
+                    help="sequence-parallel size under torchrun (default and only choice: WORLD_SIZE)")
     ap.add_argument("--no-progress", action="store_true")
     return ap.parse_intermixed_args(argv)
 
@@ -95,34 +118,65 @@ def main(argv: Optional[List[str]] = None) -> int:
             overrides.append(f"{key}={flag}")
     if args.no_progress:
         overrides.append("progress=false")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # Chunked prefill already reads any length in one process at constant memory for the
-        # recurrent and sliding-window layers; SP evaluation (attention past one device) is not built.
-        raise ConfigError("llm-lru eval runs as one process (WORLD_SIZE > 1 given): sequence-parallel "
-                          "evaluation is not implemented; use eval.chunk_size for long inputs")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.sp and args.sp != world:
+        raise ConfigError(f"--sp {args.sp}: eval splits each chunk over the whole world (sp = WORLD_SIZE = "
+                          f"{world}, dp = 1; data parallelism over prompts is not built): launch "
+                          f"{args.sp} processes or leave out --sp")
     if args.sweep:
+        if world > 1:
+            raise ConfigError(f"--sweep trains and scores runs one process at a time; run it without "
+                              f"torchrun (WORLD_SIZE={world})")
         return run_sweep_cli(args.sweep, eval_config(None, overrides))
     if not args.target:
         raise ConfigError("target: name a run dir, checkpoint or export folder (or --sweep FILE)")
     ecfg = eval_config(None, overrides)  # checks the overrides before the (slow) model load
-    from .load import load_target
+    check_sp_suites(ecfg, world)
+    if world == 1:
+        return evaluate(args.target, ecfg, overrides, None)
+    import torch.distributed as dist
 
-    target = load_target(args.target, ecfg.tokenizer or None)
+    started = not dist.is_initialized()
+    if started:  # under torchrun: join the job the way the trainer does
+        from llm_lru.config import RunConfig
+        from llm_lru.train.cli import init_world
+
+        init_world(RunConfig())
+    try:
+        from llm_lru.parallel.mesh import build_mesh
+
+        return evaluate(args.target, ecfg, overrides, build_mesh(sp=world))
+    finally:
+        if started and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def evaluate(target_path: str, ecfg: EvalConfig, overrides: List[str], mesh) -> int:
+    """Load the target (split over mesh's SP group when sp > 1), run the suites, write the report
+    (rank 0); returns the exit status, the same on every rank."""
+    from .load import load_target, parallelize_target
+
+    target = load_target(target_path, ecfg.tokenizer or None)
     if target.cfg is not None:
         ecfg = eval_config(target.cfg.eval, overrides)
     if not ecfg.suites:
         raise ConfigError(f"eval.suites: none chosen; pass --suite {','.join(SUITES)}")
     if not ecfg.out:
         raise ConfigError("eval.out: pass --out DIR")
+    if mesh is not None:
+        check_sp_suites(ecfg, mesh.world_size)  # the run's own eval.suites too
+        parallelize_target(target, mesh)
     from .report import write_report
 
     results = run_suites(target, ecfg, Path(ecfg.out))
-    model_info = {**target.info, "kinds": list(target.model.kinds), "d_model": target.model.cfg.d_model,
-                  "params": target.model.num_params(), "train_len": target.train_len,
-                  "eval": dataclasses.asdict(ecfg)}
-    write_report(Path(ecfg.out), str(args.target), model_info, results)
     failed = [r["suite"] for r in results if r.get("error")]
-    print(f"llm-lru eval: wrote {Path(ecfg.out) / 'report.md'}" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    if target.is_main:
+        model_info = {**target.info, "kinds": list(target.model.kinds), "d_model": target.model.cfg.d_model,
+                      "params": target.model.num_params(), "train_len": target.train_len,
+                      "eval": dataclasses.asdict(ecfg), "sp": mesh.sp if mesh is not None else 1}
+        write_report(Path(ecfg.out), str(target_path), model_info, results)
+        print(f"llm-lru eval: wrote {Path(ecfg.out) / 'report.md'}"
+              + (f"; failed: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
 
 

@@ -28,11 +28,13 @@ def progress(total: int, desc: str, enabled: bool = True):
 
 
 @torch.no_grad()
-def answer(model, prompt: List[int], chunk_size: int, max_new: int, stop_ids: Sequence[int] = ()) -> List[int]:
-    """Greedy continuation of one prompt (read by chunked prefill), cut at the first stop id."""
+def answer(model, prompt: List[int], chunk_size: int, max_new: int, stop_ids: Sequence[int] = (),
+           mesh=None) -> List[int]:
+    """Greedy continuation of one prompt (read by chunked prefill, split over mesh's SP group
+    when sp > 1; every rank then gets the same answer), cut at the first stop id."""
     device = model.embed.weight.device
     ids = torch.tensor([prompt], dtype=torch.long, device=device)
-    last, state = prefill(model, ids, chunk_size)
+    last, state = prefill(model, ids, chunk_size, mesh=mesh)
     out = greedy_generate(model, state, last, max_new, stop_ids)
     return cut_at_stop(out[0].tolist(), stop_ids)
 

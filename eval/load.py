@@ -21,12 +21,20 @@ from llm_lru.config import RunConfig
 @dataclass
 class EvalTarget:
     """A model ready for eval: HybridLM in eval mode, its tokenizer (or None), the run config
-    (None for an export, which carries only the model config) and where it came from."""
+    (None for an export, which carries only the model config) and where it came from.
+    mesh: llm_lru.parallel.Mesh when the model is parallelized for SP eval (None: one process);
+    see `parallelize_target`."""
     model: Any
     tokenizer: Any = None
     cfg: Optional[RunConfig] = None
     source: str = ""
     info: Dict[str, Any] = field(default_factory=dict)
+    mesh: Any = None
+
+    @property
+    def is_main(self) -> bool:
+        """True on the process that writes files and shows progress (rank 0, or alone)."""
+        return self.mesh is None or self.mesh.rank == 0
 
     @property
     def train_len(self) -> int:
@@ -98,6 +106,21 @@ def load_checkpoint(path: Path, tokenizer: Optional[str] = None) -> EvalTarget:
         tok = find_tokenizer(src)
     info = {"kind": "checkpoint", "checkpoint": str(src.checkpoint or src.ds_dir), "step": src.meta.get("step")}
     return EvalTarget(model, tok, src.config, str(path), info)
+
+
+def parallelize_target(target: EvalTarget, mesh) -> EvalTarget:
+    """Split the target's model over mesh's SP group (in place; every rank holds the whole
+    weights): the suites then read each prefill chunk in slices, one per rank. On NCCL the model
+    moves to this rank's GPU. A mesh of sp = 1 changes nothing."""
+    from llm_lru.parallel.parallelize import parallelize
+
+    if mesh.sp == 1:
+        return target
+    if mesh.backend == "nccl":
+        target.model.to(torch.device("cuda", torch.cuda.current_device()))
+    target.model = parallelize(target.model, mesh, final_state=True)
+    target.mesh = mesh
+    return target
 
 
 def load_target(path: str | Path, tokenizer: Optional[str] = None) -> EvalTarget:

@@ -123,7 +123,8 @@ def run(target, ecfg, out: Path) -> Dict[str, Any]:
     lengths = [L for L in ecfg.niah_lengths if not ecfg.max_length or L <= ecfg.max_length]
     hay = make_haystack(ecfg.haystack, tok, target.cfg, max(lengths, default=1), ecfg.seed)
     rng = np.random.default_rng([ecfg.seed, 202])
-    bar = progress(len(ecfg.niah_tasks) * len(lengths) * ecfg.niah_trials, "niah", ecfg.progress)
+    bar = progress(len(ecfg.niah_tasks) * len(lengths) * ecfg.niah_trials, "niah",
+                   ecfg.progress and target.is_main)
     rows, series, metrics = [], {}, {}
     for task in ecfg.niah_tasks:
         for L in lengths:
@@ -134,7 +135,7 @@ def run(target, ecfg, out: Path) -> Dict[str, Any]:
                 if ids is None:
                     continue
                 max_new = len(tok.encode(" " + ", ".join(refs))) + 8
-                got = tok.decode(answer(target.model, ids, ecfg.chunk_size, max_new, [tok.eos_id]))
+                got = tok.decode(answer(target.model, ids, ecfg.chunk_size, max_new, [tok.eos_id], target.mesh))
                 scores.append(score(got, refs))
             acc = float(np.mean(scores)) if scores else None
             rows.append([task, L, len(scores), acc])
@@ -145,8 +146,9 @@ def run(target, ecfg, out: Path) -> Dict[str, Any]:
         vals = [a for _, a in series.get(task, []) if a is not None]
         metrics[task] = float(np.mean(vals)) if vals else None
     plot = "niah.png"
-    line_plot(out / plot, series, "RULER-style NIAH accuracy by length", "length (tokens)", "score",
-              logx=True, vline=target.train_len or None, vlabel="train length")
+    if target.is_main:  # under SP, rank 0 alone writes
+        line_plot(out / plot, series, "RULER-style NIAH accuracy by length", "length (tokens)", "score",
+                  logx=True, vline=target.train_len or None, vlabel="train length")
     return {"suite": "niah", "metrics": metrics,
             "tables": [table("niah score by task and length", ["task", "length", "samples", "score"], rows)],
             "plots": [plot], "settings": {"tasks": list(ecfg.niah_tasks), "lengths": lengths,

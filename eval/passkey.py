@@ -37,7 +37,8 @@ def run(target, ecfg, out: Path) -> Dict[str, Any]:
     unit = tok.encode(PASSKEY_FILLER)
     filler = unit * (max(lengths, default=0) // max(len(unit), 1) + 1)
     grid, rows = [], []
-    bar = progress(len(lengths) * len(depths) * ecfg.passkey_trials, "passkey", ecfg.progress)
+    bar = progress(len(lengths) * len(depths) * ecfg.passkey_trials, "passkey",
+                   ecfg.progress and target.is_main)
     for L in lengths:
         grow = []
         for d in depths:
@@ -49,7 +50,7 @@ def run(target, ecfg, out: Path) -> Dict[str, Any]:
                 if ids is None:
                     continue
                 max_new = len(tok.encode(f" {key}")) + 2
-                got = tok.decode(answer(target.model, ids, ecfg.chunk_size, max_new, [tok.eos_id]))
+                got = tok.decode(answer(target.model, ids, ecfg.chunk_size, max_new, [tok.eos_id], target.mesh))
                 hits += int(first_number(got) == key)
                 n += 1
             acc = hits / n if n else None
@@ -58,7 +59,8 @@ def run(target, ecfg, out: Path) -> Dict[str, Any]:
         grid.append(grow)
     bar.close()
     plot = "passkey.png"
-    heatmap(out / plot, grid, lengths, depths, "passkey accuracy", "depth", "length (tokens)")
+    if target.is_main:  # under SP, rank 0 alone writes
+        heatmap(out / plot, grid, lengths, depths, "passkey accuracy", "depth", "length (tokens)")
     done = [a for g in grid for a in g if a is not None]
     metrics = {"accuracy": float(np.mean(done)) if done else None}
     for L, g in zip(lengths, grid):

@@ -70,13 +70,14 @@ def run(target, ecfg, out: Path) -> Dict[str, Any]:
     if ecfg.max_length:
         length = min(length, ecfg.max_length)
     batch = rows_from_loader(cfg, length, ecfg.ppl_batches)
-    bar = progress(ecfg.ppl_batches, "ppl", ecfg.progress)
+    bar = progress(ecfg.ppl_batches, "ppl", ecfg.progress and target.is_main)
     device = target.model.embed.weight.device
     nll, posn = [], []
     for b in range(ecfg.ppl_batches):
         ids = batch["input_ids"][b:b + 1].to(device)
         ds = batch["doc_start"][b:b + 1].to(device)
-        lp, _ = token_logprobs(target.model, ids, ecfg.chunk_size, doc_start=ds, targets=batch["labels"][b:b + 1].to(device))
+        lp, _ = token_logprobs(target.model, ids, ecfg.chunk_size, doc_start=ds,
+                               targets=batch["labels"][b:b + 1].to(device), mesh=target.mesh)
         valid = batch["labels"][b] >= 0
         nll.append(-lp[0][valid])
         posn.append(context_positions(batch["doc_start"][b:b + 1])[0][valid])
@@ -104,8 +105,9 @@ def run(target, ecfg, out: Path) -> Dict[str, Any]:
                "tokens": int(nll_all.numel()), "tokens_beyond_train_len": int(beyond.sum()),
                "max_context_position": int(pos_all.max()) if pos_all.numel() else 0}
     plot = "ppl_by_position.png"
-    line_plot(out / plot, {"loss": pts}, "loss by context position", "position (tokens since document start)",
-              "mean NLL (nats)", logx=True, vline=train_len, vlabel="train length")
+    if target.is_main:  # under SP, rank 0 alone writes
+        line_plot(out / plot, {"loss": pts}, "loss by context position", "position (tokens since document start)",
+                  "mean NLL (nats)", logx=True, vline=train_len, vlabel="train length")
     return {"suite": "ppl", "metrics": metrics,
             "tables": [table("loss by context position", ["positions", "tokens", "loss", "ppl"], rows)],
             "plots": [plot], "settings": {"length": length, "rows": ecfg.ppl_batches, "train_len": train_len,

@@ -1,7 +1,9 @@
 """Softmax attention mixers (causal, sliding window) and the attention function they call.
 
-The mixer computes q, k, v and RoPE; `self.attend` does the attending. Sequence parallelism
-replaces `attend` (llm_lru.parallel) to gather K and V across ranks; the mixer does not change.
+The mixer computes q, k, v and RoPE; `self.attend` does the attending, and with a KV cache
+(chunked prefill, step mode) `self.extend_cache` joins the cached keys with this call's.
+Sequence parallelism replaces both (llm_lru.parallel) to gather K and V across ranks; the mixer
+does not change.
 """
 from __future__ import annotations
 
@@ -66,6 +68,15 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_start
     return torch.cat(outs, 2) if len(outs) > 1 else outs[0]
 
 
+def extend_cache(state: dict, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor):
+    """The keys a call with a KV cache attends over: the cached ones, then this call's.
+
+    state: dict(k, v (B, Hkv, Tc, hd), starts (B, Tc)); k, v: (B, Hkv, T, hd); starts: (B, T) bool.
+    Returns (k, v, starts) of length Tc + T, in time order.
+    """
+    return torch.cat([state["k"], k], 2), torch.cat([state["v"], v], 2), torch.cat([state["starts"], starts], 1)
+
+
 class Attention(nn.Module):
     """Multi-head attention with RoPE and grouped KV heads; `window` > 0 makes it sliding-window.
 
@@ -84,6 +95,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
         self.attend = local_attention
+        self.extend_cache = extend_cache
 
     def init_state(self, batch: int, device=None, dtype=torch.float32) -> dict:
         empty = torch.zeros(batch, self.n_kv_heads, 0, self.head_dim, device=device, dtype=dtype)
@@ -101,9 +113,7 @@ class Attention(nn.Module):
         new_state = None
         if state is not None:
             starts = doc_start if doc_start is not None else torch.zeros(B, T, dtype=torch.bool, device=x.device)
-            k = torch.cat([state["k"], k], 2)
-            v = torch.cat([state["v"], v], 2)
-            starts = torch.cat([state["starts"], starts], 1)
+            k, v, starts = self.extend_cache(state, k, v, starts)
             doc_start = starts if bool(starts.any()) else None
             keep = self.window if self.window else k.shape[2]
             new_state = {"k": k[:, :, -keep:], "v": v[:, :, -keep:], "starts": starts[:, -keep:]}

@@ -16,7 +16,15 @@ Document masks stay exact because they only compare positions inside the keys pa
 Bidirectional attention (causal=False, encoder stacks): this rank's queries are not the last
 keys, which the attend contract assumes, so q is all-gathered too, the whole sequence attended on
 every rank and this rank's rows kept (exact; K times the attention flops — encoders only).
-KV caches (Tk > Tq) are not supported under SP: chunked prefill runs with sp = 1.
+
+KV caches (chunked prefill under SP): `SPCache` wraps the mixer's `extend_cache` seam. It
+all-gathers this call's K, V and document starts over the group, so the cache it hands on holds
+every rank's tokens of the earlier chunks, the same on every rank (full-attention KV memory is
+then NOT split across ranks; recurrent and sliding-window states are constant-size anyway).
+The attend then receives Tk = Tc + K*T keys (the cache, then the K slices in rank order) for its
+T queries, and passes the inner attend the keys [lo, Tc + (r+1)*T): they end at this rank's last
+token (lo = Tc + r*T - (window - 1) for a sliding window, else 0). Causal only.
+Decoding one token at a time runs replicated with the seams unwrapped (parallelize.unsplit).
 """
 from __future__ import annotations
 
@@ -86,10 +94,9 @@ class SPAttention:
         if self.group is None or group_size(self.group) == 1:
             return self.inner(q, k, v, doc_start=doc_start, window=window, causal=causal)
         T = q.shape[2]
-        if k.shape[2] != T or v.shape[2] != T:
-            raise ValueError(f"attend under SP: k and v must cover the slice's {T} positions (no KV cache "
-                             f"under sequence parallelism), got q {tuple(q.shape)}, k {tuple(k.shape)}")
         r = group_rank(self.group)
+        if k.shape[2] != T:
+            return self._cached(q, k, v, doc_start, window, causal, r)
         if not causal:
             return self._bidirectional(q, k, v, doc_start, window, r)
         if window == 1:  # each query sees only itself: nothing to exchange
@@ -110,6 +117,23 @@ class SPAttention:
                 doc = torch.cat(all_gather(doc_start, self.group).unbind(0), 1)[:, lo:hi]
         return self.inner(q, k_all, v_all, doc_start=doc, window=window, causal=True)
 
+    def _cached(self, q, k, v, doc_start, window, causal, r):
+        """Keys already gathered by SPCache: (cache, slice 0, ..., slice K-1); keep those this
+        rank's queries may see, ending at its last token."""
+        K, T, Tk = group_size(self.group), q.shape[2], k.shape[2]
+        Tc = Tk - K * T
+        if Tc < 0 or v.shape[2] != Tk:
+            raise ValueError(f"attend under SP with a KV cache: expected the cache then all {K} ranks' "
+                             f"{T} keys each (see SPCache), got q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                             f"v {tuple(v.shape)}")
+        if not causal:
+            raise ValueError("attend under SP: a KV cache needs causal attention (bidirectional layers "
+                             "have no left-to-right state)")
+        hi = Tc + (r + 1) * T
+        lo = 0 if window == 0 else max(0, hi - T - (window - 1))
+        doc = doc_start[:, lo:hi] if doc_start is not None else None
+        return self.inner(q, k[:, :, lo:hi], v[:, :, lo:hi], doc_start=doc, window=window, causal=True)
+
     def _bidirectional(self, q, k, v, doc_start, window, r):
         """Every query attends to the whole gathered sequence; keep this rank's T rows."""
         T = q.shape[2]
@@ -122,3 +146,26 @@ class SPAttention:
 
     def __repr__(self) -> str:
         return f"SPAttention({getattr(self.inner, '__name__', self.inner)!r})"
+
+
+class SPCache:
+    """`extend_cache` over an SP group: the cached keys, then every rank's slice of this call's
+    (all-gathered, rank order), the same on every rank; see the module doc.
+
+    Called like the inner seam: (state, k, v, starts) with this rank's k, v (B, Hkv, T, hd) and
+    starts (B, T) -> (k, v, starts) of length Tc + K*T. sp = 1 (group None) calls `inner` as is.
+    """
+
+    def __init__(self, inner: Callable, group: Any):
+        self.inner, self.group = inner, group
+
+    def __call__(self, state: dict, k: Tensor, v: Tensor, starts: Tensor):
+        if self.group is None or group_size(self.group) == 1:
+            return self.inner(state, k, v, starts)
+        kv = gather_autograd(torch.stack([k, v]), self.group)              # (K, 2, B, Hkv, T, hd)
+        kv = torch.cat(kv.unbind(0), 3)
+        starts = torch.cat(all_gather(starts, self.group).unbind(0), 1)
+        return self.inner(state, kv[0], kv[1], starts)
+
+    def __repr__(self) -> str:
+        return f"SPCache({getattr(self.inner, '__name__', self.inner)!r})"

@@ -3,18 +3,22 @@
     model = parallelize(HybridLM(cfg.model), mesh, carry=cfg.parallel.carry)
 
 Every module with a ScanOp attribute `scan` (the recurrent mixers) gets an SPScan over the mesh's
-SP group, and every module with an `attend` function (the attention mixers) an SPAttention.
+SP group, and every module with an `attend` function (the attention mixers) an SPAttention
+(and its `extend_cache` KV-cache seam, where it has one, an SPCache).
 The caller then feeds each rank its slice and pos_offset = mesh.pos_offset(T_local).
+
+    with unsplit(model): ...   # work every rank repeats whole (one-token decoding): sp = 1 seams
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from contextlib import contextmanager
+from typing import Dict, Iterator, Optional
 
 import torch.nn as nn
 
 from llm_lru.kernels.ops import ScanOp
 
-from .attention import SPAttention
+from .attention import SPAttention, SPCache
 from .mesh import Mesh
 from .scan import CARRIES, SPScan
 
@@ -43,7 +47,35 @@ def parallelize(model: nn.Module, mesh: Mesh, carry: str = "allgather", final_st
             attend = attend.inner
         if attend is not None and callable(attend):
             setattr(module, "attend", SPAttention(attend, mesh.sp_group))
+            cache = getattr(module, "extend_cache", None)
+            if isinstance(cache, SPCache):
+                cache = cache.inner
+            if cache is not None and callable(cache):
+                setattr(module, "extend_cache", SPCache(cache, mesh.sp_group))
     return model
+
+
+_WRAPPERS = {"scan": SPScan, "attend": SPAttention, "extend_cache": SPCache}
+
+
+@contextmanager
+def unsplit(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block every SP seam of `model` is its inner (sp = 1) version, so each rank runs
+    whole inputs on its own, with no collective: for work that every rank repeats identically,
+    such as decoding one token at a time from a replicated state (the state layout is the same).
+    A model without SP seams is left as it is."""
+    swapped = []
+    for module in model.modules():
+        for attr, wrapper in _WRAPPERS.items():
+            seam = module.__dict__.get(attr)
+            if isinstance(seam, wrapper):
+                swapped.append((module, attr, seam))
+                setattr(module, attr, seam.inner)
+    try:
+        yield model
+    finally:
+        for module, attr, seam in swapped:
+            setattr(module, attr, seam)
 
 
 def sp_seams(model: nn.Module) -> Dict[str, str]:
