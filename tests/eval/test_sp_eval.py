@@ -66,3 +66,27 @@ def test_suites_that_cannot_split_fail_clearly(tmp_path, monkeypatch, capsys):
         eval_cli.main([str(tmp_path), "--sp", "4", "--suite", "ppl", "--out", str(tmp_path / "o")])
     with pytest.raises(ConfigError, match="--sweep"):
         eval_cli.main(["--sweep", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "o")])
+
+
+@pytest.mark.slow
+def test_real_torchrun_sp2_ppl_equals_one_process(tmp_path):
+    """The whole launch path: torchrun starts 2 processes that join through the trainer's init_world."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    run_dir = tmp_path / "run"
+    fake_run(run_dir, {"model": MODEL, "data": {"source": "random"}, "train": {"seq_len": 24}})
+    args = [str(run_dir), "--suite", "ppl", "--chunk-size", "50", "--no-progress", "ppl_batches=2", "ppl_length=97"]
+    assert eval_cli.main([*args, "--out", str(tmp_path / "one")]) == 0
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "llm_lru.cli", "eval", *args, "--out", str(tmp_path / "sp2")],
+                          cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("llm-lru eval: wrote") == 1  # rank 0 alone reports
+    (_, want), (sp2, got) = _metrics(tmp_path / "one"), _metrics(tmp_path / "sp2")
+    assert sp2["model"]["sp"] == 2
+    assert got["ppl"]["tokens"] == want["ppl"]["tokens"] == 194
+    assert math.isclose(got["ppl"]["val_loss"], want["ppl"]["val_loss"], rel_tol=1e-5)
