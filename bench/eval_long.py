@@ -89,7 +89,7 @@ def markdown(meta: dict, cells: list) -> str:
     lines = ["# Passkey and NIAH from 1K to 64K tokens on a trained checkpoint", "",
              "Findings: " + meta.get("findings", "(run in progress)"), "",
              f"- machine: {meta['machine']}; every eval process under `nice -n 19`, "
-             f"OMP_NUM_THREADS={meta['threads']}, while other jobs shared the 2 cores (timings are upper bounds)",
+             f"OMP_NUM_THREADS={meta['threads']}, glibc malloc env {meta.get('malloc_env') or 'default'}, while other jobs shared the 2 cores (timings are upper bounds)",
              f"- checkpoint: {meta['checkpoint']} ({meta['checkpoint_note']})",
              f"- model: d_model {f['d_model']}, {f['n_layers']} layers, pattern {f['pattern']} "
              f"({f['full_attention_layers']} full-attention layer(s), KV cache {f['kv_bytes_per_token']} B/token)",
@@ -132,7 +132,20 @@ def main() -> int:
     ap.add_argument("--work", default="runs/eval_long", help="eval output folders and logs (not committed)")
     ap.add_argument("--out", default=str(ROOT / "bench/results"))
     ap.add_argument("--name", default="eval_long")
+    ap.add_argument("--redraw", action="store_true", help="rewrite the .md from the existing .json (no evals)")
+    ap.add_argument("--findings", default="", help="with --redraw: a text file, the md's Findings paragraph")
+    ap.add_argument("--notes", default="", help="with --redraw: a text file of lines appended to the md")
     args = ap.parse_args()
+    out = Path(args.out)
+    if args.redraw:
+        data = json.loads((out / f"{args.name}.json").read_text())
+        if args.findings:
+            data["meta"]["findings"] = Path(args.findings).read_text().strip()
+        if args.notes:
+            data["meta"]["notes"] = Path(args.notes).read_text().strip().splitlines()
+        (out / f"{args.name}.json").write_text(json.dumps(data, indent=1))
+        (out / f"{args.name}.md").write_text(markdown(data["meta"], data["cells"]))
+        return 0
     args.depths = [float(d) for d in args.depths.split(",")]
     args.niah_tasks = args.niah_tasks.split(",")
     lengths = [int(x) for x in args.lengths.split(",")]
@@ -140,14 +153,13 @@ def main() -> int:
         raise ValueError(f"--target: {args.target} has no config.yaml (run `make demo` for runs/demo)")
     work = ROOT / args.work
     work.mkdir(parents=True, exist_ok=True)
-    out = Path(args.out)
     ckpt = (ROOT / args.target / "checkpoints" / "latest")
     meta = {"machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, {platform.python_version()}",
             "threads": args.threads, "checkpoint": args.target,
             "checkpoint_note": f"latest = {ckpt.read_text().strip() if ckpt.is_file() else '?'}",
             "model": model_facts(args.target), "chunk_size": args.chunk_size, "depths": args.depths,
             "passkey_trials": args.passkey_trials, "niah_tasks": args.niah_tasks, "niah_trials": args.niah_trials,
-            "started": time.ctime()}
+            "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}, "started": time.ctime()}
     prev = out / f"{args.name}.json"
     if prev.is_file():  # keep a finished run's findings/notes when only redrawing
         old = json.loads(prev.read_text())["meta"]
