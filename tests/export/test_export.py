@@ -239,18 +239,20 @@ def test_folder_code_imports_no_llm_lru(exported):
 def test_folder_loads_without_llm_lru(exported, tmp_path):
     """The folder carries its own code: loading works where `import llm_lru` fails."""
     code = (
-        "import sys; sys.modules['llm_lru'] = None\n"  # any import of llm_lru now raises ImportError
+        # any import of llm_lru now raises ImportError (the lm-eval .pth hook loaded two modules already)
+        "import sys\nfor k in [k for k in sys.modules if k.split('.')[0] == 'llm_lru'] + ['llm_lru']:\n"
+        "    sys.modules[k] = None\n"
         "import torch\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
         f"m = AutoModelForCausalLM.from_pretrained({str(exported)!r}, trust_remote_code=True)\n"
         f"t = AutoTokenizer.from_pretrained({str(exported)!r}, trust_remote_code=True)\n"
         "ids = t('hello', return_tensors='pt').input_ids\n"
         "print(m.generate(ids, max_new_tokens=3, do_sample=False).shape)\n"
-        "print([k for k in sys.modules if k.startswith('llm_lru')])\n")
+        "print([k for k, v in sys.modules.items() if k.split('.')[0] == 'llm_lru' and v is not None])\n")
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
                          timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout.splitlines()[-2:] == ["torch.Size([1, 8])", "['llm_lru']"]
+    assert res.stdout.splitlines()[-2:] == ["torch.Size([1, 8])", "[]"]
 
 
 def test_generate_cli_streams_greedy_text(exported, capsys):
