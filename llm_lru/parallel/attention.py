@@ -32,7 +32,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .comm import gather_autograd, all_gather, group_rank, group_size, recv, send
+from .comm import all_gather, gather_autograd, group_rank, group_size, recv, send, send_async, wait_sends
 
 Tensor = torch.Tensor
 
@@ -42,6 +42,8 @@ class _Halo(torch.autograd.Function):
 
     Forward: rank r sends its tail to r + 1 and receives r - 1's (rank 0 receives nothing: n = 0).
     Backward: the halo's gradient goes back to its owner and is added to that rank's tail.
+    With a graph the sends do not wait for the receiver (as the ring scan's carries): they are
+    waited for in backward, once every rank has finished its forward.
     """
 
     @staticmethod
@@ -56,7 +58,7 @@ class _Halo(torch.autograd.Function):
             tail = [kv[:, :, :, T - n:].reshape(-1)]
             if has_doc:
                 tail.append(doc[:, T - n:].to(kv.dtype).reshape(-1))
-            send(torch.cat(tail), r + 1, group)
+            (send_async if ctx.needs_input_grad[0] else send)(torch.cat(tail), r + 1, group)
         if r == 0:
             halo = kv[:, :, :, :0].clone()
             return halo, (doc[:, :0].clone() if has_doc else None)
@@ -72,9 +74,11 @@ class _Halo(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_halo, _g_doc):
         K, r, n, T = ctx.K, ctx.r, ctx.n, ctx.T
+        wait_sends()  # the forward's tails: every rank has received them (it finished its forward)
         if r > 0:
-            send(g_halo if g_halo is not None else torch.zeros(ctx.halo_shape, dtype=ctx.dtype, device=ctx.device),
-                 r - 1, ctx.group)
+            send_async(g_halo if g_halo is not None else torch.zeros(ctx.halo_shape, dtype=ctx.dtype, device=ctx.device),
+                       r - 1, ctx.group)
+            torch.autograd.Variable._execution_engine.queue_callback(wait_sends)  # done by backward's end
         g = None
         if r < K - 1:
             got = recv(torch.empty(ctx.halo_shape, dtype=ctx.dtype, device=ctx.device), r + 1, ctx.group)

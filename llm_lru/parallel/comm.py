@@ -1,7 +1,7 @@
 """Collectives for sequence parallelism, with their autograd written out.
 
 Only operations that gloo and NCCL both have: all_gather_single (all_gather_into_tensor on older
-torch), all_reduce, broadcast, blocking send / recv, and isend whose completion is always waited
+torch), reduce_scatter_single (reduce_scatter_tensor), all_reduce, broadcast, blocking send / recv, and isend whose completion is always waited
 for before the step ends (`send_async` / `wait_sends`; FACTS.md: batch_isend_irecv followed by
 destroy_process_group aborted at exit on gloo, so it is not used). Group-local ranks everywhere.
 """
@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 Tensor = torch.Tensor
 _gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def group_size(group: Any) -> int:
@@ -38,6 +39,15 @@ def all_reduce(x: Tensor, group: Any) -> Tensor:
     x = x.detach().clone().contiguous()
     dist.all_reduce(x, group=group)
     return x
+
+
+def reduce_scatter(x: Tensor, group: Any) -> Tensor:
+    """(K, ...) on each rank -> (...): the sum over ranks of row k lands on group rank k.
+    Not differentiable."""
+    x = x.contiguous()
+    out = x.new_empty(x.shape[1:])
+    _reduce_scatter_single(out.view(-1), x.view(-1), group=group)
+    return out
 
 
 def send(x: Tensor, dst: int, group: Any) -> None:
@@ -77,10 +87,8 @@ def broadcast(x: Tensor, src: int, group: Any) -> Tensor:
 
 
 class _GatherFn(torch.autograd.Function):
-    """all_gather forward; backward: sum the gradient over ranks (all_reduce), keep our own part.
-
-    (NCCL would allow reduce_scatter here; all_reduce is what both backends have, at K x the bytes.)
-    """
+    """all_gather forward; backward: reduce_scatter, so each rank receives the sum over ranks of
+    the gradient of its own part only (1/K of an all_reduce's output)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, group: Any) -> Tensor:
@@ -89,8 +97,7 @@ class _GatherFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        g = all_reduce(g, ctx.group)
-        return g[group_rank(ctx.group)], None
+        return reduce_scatter(g, ctx.group), None
 
 
 def gather_autograd(x: Tensor, group: Any) -> Tensor:
