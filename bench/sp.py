@@ -1,6 +1,7 @@
 """Sequence parallelism on CPU: memory and step time per rank at a fixed total length.
 
-    .venv/bin/python bench/sp.py [--tokens 16384] [--sp 1,2,4] [--steps 3]
+    .venv/bin/python bench/sp.py [--tokens 16384] [--sp 1,2,4] [--steps 3] [--pattern BHGL]
+                                 [--modes independent,allgather,ring,...] [--name sp]
 
 Baseline: sp = 1 (one process, the unsplit model) measured in the same run. For sp = 2 and 4:
 the all-gather carry, the ring carry, the all-gather carry with the slice's scan recomputed in
@@ -20,7 +21,7 @@ Per rank, for one forward + backward of the tiny model on one sequence of --toke
 A ceiling row per sp ("independent"): sp processes started together, each running the unsplit model
 on T/sp tokens with no communication at all: what this machine gives concurrent processes, the best
 any SP scheme could do here. Each SP row's "of ceiling" is that row's time against it.
-Writes bench/results/sp.json and bench/results/sp.md. Ratios are against sp = 1 in this run.
+Writes bench/results/NAME.json and NAME.md (NAME: --name, default sp). Ratios are against sp = 1 in this run.
 The machine's other load moves the times: the ratios are only as good as the quiet they ran in.
 """
 from __future__ import annotations
@@ -142,14 +143,18 @@ def _worker(rank, world, cfg_kw, tokens, steps, carry, recompute, final_state):
                 scans=scans, act_layer=t_local * cfg_kw["d_model"] * 4)
 
 
-def run(tokens: int, sps, steps: int, cfg_kw: dict):
+# name -> (carry, recompute, final_state); training needs no final state (final_state=False).
+# "independent": sp processes each train the unsplit model on their T/sp tokens with no exchange
+# at all, started together: the most any SP scheme can reach on this machine (shared caches and
+# memory bandwidth slow concurrent processes down), the ceiling the SP rows are read against.
+MODES = {"independent": ("independent", False, False), "allgather": ("allgather", False, False),
+         "ring": ("ring", False, False), "allgather+recompute": ("allgather", True, False),
+         "ring+final_state": ("ring", False, True)}
+
+
+def run(tokens: int, sps, steps: int, cfg_kw: dict, mode_names=tuple(MODES)):
     rows = []
-    # (carry, recompute, final_state): training needs no final state (final_state=False)
-    # "independent": sp processes each train the unsplit model on their T/sp tokens with no exchange
-    # at all, started together: the most any SP scheme can reach on this machine (shared caches and
-    # memory bandwidth slow concurrent processes down), the ceiling the SP rows are read against.
-    modes = [("independent", False, False), ("allgather", False, False), ("ring", False, False),
-             ("allgather", True, False), ("ring", False, True)]
+    modes = [MODES[m] for m in mode_names]
     variants = [(1, ("none", False, False))] + [(sp, mode) for sp in sps if sp > 1 for mode in modes]
     for sp, (carry, recompute, final_state) in variants:
         t0 = time.time()
@@ -175,9 +180,9 @@ def run(tokens: int, sps, steps: int, cfg_kw: dict):
     return rows
 
 
-def write(rows, meta):
+def write(rows, meta, name="sp"):
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "sp.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2) + "\n")
+    (RESULTS / f"{name}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2) + "\n")
     lines = [f"# Sequence parallelism on CPU ({meta['tokens']} tokens, model {meta['model']})", "",
              f"Baseline: sp = 1 in the same run. {meta['note']}", "",
              "| sp | carry | held MB/rank | x sp1 | peak MB/rank | x sp1 | step s (wall) | speedup | "
@@ -193,7 +198,7 @@ def write(rows, meta):
     lines += ["", "independent: sp processes started together, each training the unsplit model on its T/sp tokens "
               "with no exchange (its loss is its own slice's): the most any SP scheme can reach on this machine. "
               "'of ceiling' = independent step time / this row's step time (same sp)."]
-    (RESULTS / "sp.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
 def main(argv=None) -> int:
@@ -203,17 +208,23 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--pattern", default="BHGL")
     ap.add_argument("--d-model", type=int, default=64)
+    ap.add_argument("--modes", default=",".join(MODES), help="which rows per sp > 1, of: " + ",".join(MODES))
+    ap.add_argument("--name", default="sp", help="results file stem under bench/results/")
     args = ap.parse_args(argv)
+    mode_names = args.modes.split(",")
+    unknown = [m for m in mode_names if m not in MODES]
+    if unknown:
+        ap.error(f"--modes: unknown {unknown}; choose from {list(MODES)}")
     cfg_kw = dict(vocab_size=256, d_model=args.d_model, n_layers=len(args.pattern), pattern=args.pattern,
                   block_size=4, n_heads=4)
     sps = [int(s) for s in args.sp.split(",")]
-    rows = run(args.tokens, sps, args.steps, cfg_kw)
+    rows = run(args.tokens, sps, args.steps, cfg_kw, mode_names)
     load = os.getloadavg()
     meta = dict(tokens=args.tokens, model=cfg_kw, steps=args.steps, cpus=os.cpu_count(), loadavg=load,
                 torch=torch.__version__,
                 note=(f"{os.cpu_count()} CPU cores, one thread per rank, load average {load[0]:.1f} at the end "
                       "(other jobs shared the machine); sp = 4 runs 4 ranks on these cores."))
-    write(rows, meta)
+    write(rows, meta, args.name)
     for r in rows:
         print(f"sp={r['sp']} {r['carry']:>20}: held {r['held_vs_sp1']:.2f}x, peak {r['peak_vs_sp1']:.2f}x, "
               f"speedup {r['speedup_vs_sp1']:.2f}x (CPU {r['cpu_speedup_vs_sp1']:.2f}x), carry {r['carry_kb_per_layer']:.1f} KB/layer vs "
