@@ -135,33 +135,20 @@ def test_hook_registers_when_lm_eval_models_was_imported_first():
 
 
 @pytest.mark.slow
-def test_bare_lm_eval_command(tmp_path):
-    """`lm_eval --model llm_lru ...`: lm-eval's own console script, nothing of ours in between."""
+@pytest.mark.parametrize("launcher", ["bare", "adapter"])
+def test_lm_eval_command_line(tmp_path, launcher):
+    """`lm_eval --model llm_lru ...` (bare: lm-eval's own console script, nothing of ours in between)
+    and `python -m llm_lru.eval.lm_eval_adapter run --model llm_lru ...` (adapter), on a local task."""
     run = tmp_path / "run"
     fake_run(run, {"model": {"vocab_size": 258, "d_model": 32, "n_layers": 2, "pattern": "BA", "n_heads": 2,
                              "block_size": 2}, "data": {"source": "random"}, "train": {"seq_len": 24}})
     (tmp_path / "tasks").mkdir()
     tasks = write_tasks(tmp_path / "tasks")
-    lm_eval = Path(sys.executable).parent / "lm_eval"
-    proc = subprocess.run([str(lm_eval), "--model", "llm_lru",
-                           "--model_args", f"pretrained={run},tokenizer=bytes", "--tasks", "tiny_mc",
-                           "--include_path", str(tasks), "--output_path", str(tmp_path / "res")],
+    command = ([str(Path(sys.executable).parent / "lm_eval")] if launcher == "bare"
+               else [sys.executable, "-m", "llm_lru.eval.lm_eval_adapter", "run"])
+    proc = subprocess.run(command + ["--model", "llm_lru",
+                                     "--model_args", f"pretrained={run},tokenizer=bytes", "--tasks", "tiny_mc",
+                                     "--include_path", str(tasks), "--output_path", str(tmp_path / "res")],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "tiny_mc" in proc.stdout and "acc" in proc.stdout
-
-
-@pytest.mark.slow
-def test_lm_eval_command_line(tmp_path):
-    """`python -m llm_lru.eval.lm_eval_adapter run --model llm_lru ...`: lm-eval's own CLI."""
-    run = tmp_path / "run"
-    fake_run(run, {"model": {"vocab_size": 258, "d_model": 32, "n_layers": 2, "pattern": "BA", "n_heads": 2,
-                             "block_size": 2}, "data": {"source": "random"}, "train": {"seq_len": 24}})
-    (tmp_path / "tasks").mkdir()
-    tasks = write_tasks(tmp_path / "tasks")
-    proc = subprocess.run([sys.executable, "-m", "llm_lru.eval.lm_eval_adapter", "run", "--model", "llm_lru",
-                           "--model_args", f"pretrained={run},tokenizer=bytes", "--tasks", "tiny_mc",
-                           "--include_path", str(tasks), "--output_path", str(tmp_path / "res")],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "tiny_mc" in proc.stdout
