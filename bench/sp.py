@@ -1,7 +1,7 @@
 """Sequence parallelism on CPU: memory and step time per rank at a fixed total length.
 
     .venv/bin/python bench/sp.py [--tokens 16384] [--sp 1,2,4] [--steps 3] [--pattern BHGL]
-                                 [--modes independent,allgather,ring,...] [--name sp]
+                                 [--modes independent,allgather,ring,...] [--name sp] [--rounds 3]
 
 Baseline: sp = 1 (one process, the unsplit model) measured in the same run. For sp = 2 and 4:
 the all-gather carry, the ring carry, the all-gather carry with the slice's scan recomputed in
@@ -21,6 +21,8 @@ Per rank, for one forward + backward of the tiny model on one sequence of --toke
 A ceiling row per sp ("independent"): sp processes started together, each running the unsplit model
 on T/sp tokens with no communication at all: what this machine gives concurrent processes, the best
 any SP scheme could do here. Each SP row's "of ceiling" is that row's time against it.
+--rounds: every row is run that many times, all rows once per round, and each round's ratios are
+taken against that round's sp = 1 and ceiling; the table gives the median and (min-max) over rounds.
 Writes bench/results/NAME.json and NAME.md (NAME: --name, default sp). Ratios are against sp = 1 in this run.
 The machine's other load moves the times: the ratios are only as good as the quiet they ran in.
 """
@@ -152,32 +154,57 @@ MODES = {"independent": ("independent", False, False), "allgather": ("allgather"
          "ring+final_state": ("ring", False, True)}
 
 
-def run(tokens: int, sps, steps: int, cfg_kw: dict, mode_names=tuple(MODES)):
-    rows = []
+def _measure(sp, carry, recompute, final_state, tokens, steps, cfg_kw) -> dict:
+    t0 = time.time()
+    per_rank = run_world(_worker, sp, cfg_kw, tokens, steps, carry if sp > 1 else "allgather", recompute,
+                         final_state, timeout=1800)
+    name = carry + ("+recompute" if recompute else "") + ("+final_state" if final_state else "")
+    row = dict(sp=sp, carry=name, loss=per_rank[0]["loss"],
+               held_mb=max(r["held"] for r in per_rank) / 2**20,
+               peak_mb=max(r["peak"] for r in per_rank) / 2**20,
+               step_s=max(r["step_s"] for r in per_rank), cpu_s=max(r["cpu_s"] for r in per_rank),
+               carry_kb_per_layer=(max(r["exchanged"] / max(r["scans"], 1) for r in per_rank) / 1024),
+               act_kb_per_layer=per_rank[0]["act_layer"] / 1024, wall_s=time.time() - t0)
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def run(tokens: int, sps, steps: int, cfg_kw: dict, mode_names=tuple(MODES), rounds: int = 1):
+    """Every variant once per round, rounds one after another; each round's ratios are against
+    that round's own sp = 1 and ceiling (so slow drift in the machine's load cancels), and each
+    row reports the median over rounds with the range."""
     modes = [MODES[m] for m in mode_names]
     variants = [(1, ("none", False, False))] + [(sp, mode) for sp in sps if sp > 1 for mode in modes]
-    for sp, (carry, recompute, final_state) in variants:
-        t0 = time.time()
-        per_rank = run_world(_worker, sp, cfg_kw, tokens, steps, carry if sp > 1 else "allgather", recompute,
-                             final_state, timeout=1800)
-        name = carry + ("+recompute" if recompute else "") + ("+final_state" if final_state else "")
-        row = dict(sp=sp, carry=name, loss=per_rank[0]["loss"],
-                   held_mb=max(r["held"] for r in per_rank) / 2**20,
-                   peak_mb=max(r["peak"] for r in per_rank) / 2**20,
-                   step_s=max(r["step_s"] for r in per_rank), cpu_s=max(r["cpu_s"] for r in per_rank),
-                   carry_kb_per_layer=(max(r["exchanged"] / max(r["scans"], 1) for r in per_rank) / 1024),
-                   act_kb_per_layer=per_rank[0]["act_layer"] / 1024, wall_s=time.time() - t0)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    base = rows[0]
-    for row in rows:
-        row["held_vs_sp1"] = row["held_mb"] / base["held_mb"]
-        row["peak_vs_sp1"] = row["peak_mb"] / base["peak_mb"]
-        row["speedup_vs_sp1"] = base["step_s"] / row["step_s"]
-        row["cpu_speedup_vs_sp1"] = base["cpu_s"] / row["cpu_s"]
-        ceiling = next((c for c in rows if c["sp"] == row["sp"] and c["carry"] == "independent"), None)
-        row["of_ceiling"] = ceiling["step_s"] / row["step_s"] if ceiling and row["sp"] > 1 else None
-    return rows
+    by_round = []
+    for _ in range(rounds):
+        rows = [_measure(sp, *mode, tokens, steps, cfg_kw) for sp, mode in variants]
+        base = rows[0]
+        for row in rows:
+            row["held_vs_sp1"] = row["held_mb"] / base["held_mb"]
+            row["peak_vs_sp1"] = row["peak_mb"] / base["peak_mb"]
+            row["speedup_vs_sp1"] = base["step_s"] / row["step_s"]
+            row["cpu_speedup_vs_sp1"] = base["cpu_s"] / row["cpu_s"]
+            ceiling = next((c for c in rows if c["sp"] == row["sp"] and c["carry"] == "independent"), None)
+            row["of_ceiling"] = ceiling["step_s"] / row["step_s"] if ceiling and row["sp"] > 1 else None
+        by_round.append(rows)
+    out = []
+    for i in range(len(variants)):
+        runs = [rows[i] for rows in by_round]
+        row = dict(runs[0])
+        for key in ("held_mb", "peak_mb", "held_vs_sp1", "peak_vs_sp1"):
+            row[key] = max(r[key] for r in runs)  # memory: the worst round
+        for key in ("step_s", "cpu_s", "speedup_vs_sp1", "cpu_speedup_vs_sp1", "of_ceiling"):
+            if row[key] is not None:
+                vals = [r[key] for r in runs]
+                row[key], row[key + "_range"] = statistics.median(vals), [min(vals), max(vals)]
+        row["rounds"] = runs
+        out.append(row)
+    return out
+
+
+def _ranged(row, key) -> str:
+    lo, hi = row.get(key + "_range", [row[key]] * 2)
+    return f"{row[key]:.2f}" if lo == hi else f"{row[key]:.2f} ({lo:.2f}-{hi:.2f})"
 
 
 def write(rows, meta, name="sp"):
@@ -190,8 +217,8 @@ def write(rows, meta, name="sp"):
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['sp']} | {r['carry']} | {r['held_mb']:.1f} | {r['held_vs_sp1']:.2f} | {r['peak_mb']:.1f} | "
-                     f"{r['peak_vs_sp1']:.2f} | {r['step_s']:.2f} | {r['speedup_vs_sp1']:.2f} | "
-                     f"{'-' if r['of_ceiling'] is None else format(r['of_ceiling'], '.2f')} | "
+                     f"{r['peak_vs_sp1']:.2f} | {r['step_s']:.2f} | {_ranged(r, 'speedup_vs_sp1')} | "
+                     f"{'-' if r['of_ceiling'] is None else _ranged(r, 'of_ceiling')} | "
                      f"{r['cpu_s']:.2f} | {r['cpu_speedup_vs_sp1']:.2f} | "
                      f"{r['carry_kb_per_layer']:.1f} | {r['act_kb_per_layer']:.0f} | "
                      f"{'(own slice)' if r['carry'] == 'independent' else format(r['loss'], '.6f')} |")
@@ -210,6 +237,7 @@ def main(argv=None) -> int:
     ap.add_argument("--d-model", type=int, default=64)
     ap.add_argument("--modes", default=",".join(MODES), help="which rows per sp > 1, of: " + ",".join(MODES))
     ap.add_argument("--name", default="sp", help="results file stem under bench/results/")
+    ap.add_argument("--rounds", type=int, default=3, help="run every variant this many times, in rounds")
     args = ap.parse_args(argv)
     mode_names = args.modes.split(",")
     unknown = [m for m in mode_names if m not in MODES]
@@ -218,12 +246,15 @@ def main(argv=None) -> int:
     cfg_kw = dict(vocab_size=256, d_model=args.d_model, n_layers=len(args.pattern), pattern=args.pattern,
                   block_size=4, n_heads=4)
     sps = [int(s) for s in args.sp.split(",")]
-    rows = run(args.tokens, sps, args.steps, cfg_kw, mode_names)
+    rows = run(args.tokens, sps, args.steps, cfg_kw, mode_names, args.rounds)
     load = os.getloadavg()
-    meta = dict(tokens=args.tokens, model=cfg_kw, steps=args.steps, cpus=os.cpu_count(), loadavg=load,
+    meta = dict(tokens=args.tokens, model=cfg_kw, steps=args.steps, rounds=args.rounds, cpus=os.cpu_count(), loadavg=load,
                 torch=torch.__version__,
                 note=(f"{os.cpu_count()} CPU cores, one thread per rank, load average {load[0]:.1f} at the end "
-                      "(other jobs shared the machine); sp = 4 runs 4 ranks on these cores."))
+                      "(other jobs shared the machine); sp = 4 runs 4 ranks on these cores. "
+                      f"{args.rounds} rounds of every row: times are medians over rounds, speedup and 'of ceiling' "
+                      "the median of each round's ratio to that round's sp = 1 and ceiling, (min-max) over rounds; "
+                      "memory the largest round."))
     write(rows, meta, args.name)
     for r in rows:
         print(f"sp={r['sp']} {r['carry']:>20}: held {r['held_vs_sp1']:.2f}x, peak {r['peak_vs_sp1']:.2f}x, "

@@ -56,7 +56,7 @@ class ModelConfig:
 @dataclass
 class ParallelConfig:
     sp: int = 1                         # sequence-parallel group size
-    carry: str = "allgather"            # allgather | ring
+    carry: str = "allgather"            # allgather (DESIGN §4) | ring (pipelined p2p; bench/results/sp.md)
     backend: str = "auto"               # auto | gloo | nccl
 
 
