@@ -20,6 +20,33 @@ def _workers(agent: subprocess.Popen):
     return [p for p in psutil.Process(agent.pid).children(recursive=True) if "llm_lru.cli" in " ".join(p.cmdline())]
 
 
+def _logged_steps(run) -> list:
+    """Steps in metrics.jsonl, complete lines only (the writer may be stopped mid-line)."""
+    path = run / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [json.loads(line)["step"] for line in lines if line.endswith("}")]
+
+
+def _stop_between_checkpoints(agent, run, every: int, deadline: float):
+    """SIGSTOP both workers at a moment when 1-3 steps have been logged after the last checkpoint
+    step (so a kill now must move those steps aside on resume); returns (workers, steps logged)."""
+    while time.time() < deadline:
+        assert agent.poll() is None, agent.stdout.read()
+        steps = _logged_steps(run)
+        if steps and steps[-1] > every and steps[-1] % every in (1, 2, 3):
+            workers = _workers(agent)
+            assert len(workers) == 2, workers
+            for p in workers:
+                p.suspend()
+            steps = _logged_steps(run)  # what the killed attempt logged, now that it is frozen
+            if steps[-1] % every in (1, 2, 3):
+                return workers, steps
+            for p in workers:  # a checkpoint step slipped in before the stop: try again later
+                p.resume()
+        time.sleep(0.05)
+    raise AssertionError("the run never reached a step between checkpoints")
+
+
 @pytest.mark.slow
 def test_kill_9_one_rank_restarts_and_resumes(tmp_path):
     run = tmp_path / "run"
@@ -27,29 +54,28 @@ def test_kill_9_one_rank_restarts_and_resumes(tmp_path):
            f"out_dir={run}", "train.max_steps=24", "checkpoint.every=5", "deepspeed.zero_stage=2"]
     agent = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline and not any(m["step"] >= 8 for m in metrics(run)):
-            assert agent.poll() is None, agent.stdout.read()
-            time.sleep(0.2)
-        victims = _workers(agent)
-        assert len(victims) == 2, victims
-        victims[1].send_signal(signal.SIGKILL)  # rank 1 dies without a word
+        workers, logged = _stop_between_checkpoints(agent, run, every=5, deadline=time.time() + 300)
+        workers[1].send_signal(signal.SIGKILL)  # one rank dies without a word
+        workers[0].resume()  # the other is stopped by torchrun, as after any rank's death
         out, _ = agent.communicate(timeout=400)
     finally:
         if agent.poll() is None:
             agent.kill()
     assert agent.returncode == 0, out[-4000:]
     resumed = re.search(r"resumed from \S+/step_(\d+) at step (\d+)", out)
-    assert resumed and int(resumed.group(2)) >= 5 and int(resumed.group(2)) % 5 == 0, out[-4000:]
+    checkpoint = logged[-1] // 5 * 5  # the newest checkpoint before the kill
+    assert resumed and int(resumed.group(2)) == checkpoint, (logged, out[-4000:])
     rows = metrics(run)
     assert [r["step"] for r in rows] == list(range(1, 25))  # each step once
-    # Steps logged before the kill and again after the restart (from the step-5 checkpoint, or
-    # a later one) were moved aside on resume; they must agree exactly with their recomputation:
-    # the restarted run retraces the same trajectory.
+    # Steps the killed attempt logged after its checkpoint were moved aside on resume (the
+    # resumed rank may have logged one more before torchrun stopped it); they must agree exactly
+    # with their recomputation: the restarted run retraces the same trajectory.
     final = {r["step"]: r for r in rows}
     superseded = [json.loads(line) for line in (run / "metrics.superseded.jsonl").read_text().splitlines()
                   if line.endswith("}")]
-    assert superseded
+    after = [s for s in logged if s > checkpoint]
+    assert after and [r["step"] for r in superseded][:len(after)] == after, (logged, superseded)
+    assert len(superseded) <= len(after) + 1, (logged, superseded)
     for r in superseded:
         assert r["loss"] == final[r["step"]]["loss"], r["step"]
 
