@@ -248,8 +248,8 @@ def main(argv=None) -> int:
     sps = [int(s) for s in args.sp.split(",")]
     rows = run(args.tokens, sps, args.steps, cfg_kw, mode_names, args.rounds)
     load = os.getloadavg()
-    meta = dict(tokens=args.tokens, model=cfg_kw, steps=args.steps, rounds=args.rounds, cpus=os.cpu_count(), loadavg=load,
-                torch=torch.__version__,
+    meta = dict(tokens=args.tokens, model=cfg_kw, steps=args.steps, rounds=args.rounds, cpus=os.cpu_count(),
+                loadavg=load, torch=torch.__version__,
                 note=(f"{os.cpu_count()} CPU cores, one thread per rank, load average {load[0]:.1f} at the end "
                       "(other jobs shared the machine); sp = 4 runs 4 ranks on these cores. "
                       f"{args.rounds} rounds of every row: times are medians over rounds, speedup and 'of ceiling' "

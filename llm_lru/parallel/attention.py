@@ -76,8 +76,9 @@ class _Halo(torch.autograd.Function):
         K, r, n, T = ctx.K, ctx.r, ctx.n, ctx.T
         wait_sends()  # the forward's tails: every rank has received them (it finished its forward)
         if r > 0:
-            send_async(g_halo if g_halo is not None else torch.zeros(ctx.halo_shape, dtype=ctx.dtype, device=ctx.device),
-                       r - 1, ctx.group)
+            if g_halo is None:
+                g_halo = torch.zeros(ctx.halo_shape, dtype=ctx.dtype, device=ctx.device)
+            send_async(g_halo, r - 1, ctx.group)
             torch.autograd.Variable._execution_engine.queue_callback(wait_sends)  # done by backward's end
         g = None
         if r < K - 1:

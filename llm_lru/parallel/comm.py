@@ -1,9 +1,10 @@
 """Collectives for sequence parallelism, with their autograd written out.
 
-Only operations that gloo and NCCL both have: all_gather_single (all_gather_into_tensor on older
-torch), reduce_scatter_single (reduce_scatter_tensor), all_reduce, broadcast, blocking send / recv, and isend whose completion is always waited
-for before the step ends (`send_async` / `wait_sends`; FACTS.md: batch_isend_irecv followed by
-destroy_process_group aborted at exit on gloo, so it is not used). Group-local ranks everywhere.
+Only operations that gloo and NCCL both have: all_gather_single and reduce_scatter_single
+(all_gather_into_tensor / reduce_scatter_tensor on older torch), all_reduce, broadcast, blocking
+send / recv, and isend whose completion is always waited for before the step ends (`send_async` /
+`wait_sends`; FACTS.md: batch_isend_irecv followed by destroy_process_group aborted at exit on
+gloo, so it is not used). Group-local ranks everywhere.
 """
 from __future__ import annotations
 
