@@ -37,8 +37,16 @@ class _GatedScan(ScanOp):
     def __call__(self, logits, v, h0=None, reverse=False, reset=None):
         if _use_triton(logits):
             return self.fused_scan(logits, v, h0, reverse, transition_mask(reset, reverse), norm=self.norm)
+        inner, trans, u = self.prepare(logits, v)
+        return inner(trans, u, h0, reverse, reset)
+
+    def prepare(self, logits, v):
+        """The normalised rows and weighted input for `inner` (differentiable); on the Triton
+        path nothing: the fused kernel keeps the transitions out of memory, which is worth more."""
+        if _use_triton(logits):
+            return self, logits, v
         trans, a0 = self.split(logits)
-        return self.inner(trans, a0 * v.to(a0.dtype), h0, reverse, reset)
+        return self.inner, trans, a0 * v.to(a0.dtype)
 
     def product(self, logits, reverse=False, reset=None):
         return self.inner.product(self.split(logits)[0], reverse, reset)

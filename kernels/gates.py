@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .checks import check_reset, check_tensor
 from .reference import block_scan_ref, companion_scan_ref
@@ -30,6 +31,35 @@ NORMS = ("softmax", "sigmoid", "relu", "tanh")
 # Keeps relu/tanh rows finite when every entry is zero; small enough not to matter otherwise.
 EPS = 1e-6
 _EPS = EPS
+
+
+# torch's CPU softmax vectorises along the row: on rows shorter than this it runs 2-3x slower
+# than the same softmax from elementwise ops and reductions (bench/gates_cpu.py).
+_SHORT_ROW = 8
+
+
+class _ShortRowSoftmax(torch.autograd.Function):
+    """softmax over a short last axis, from elementwise ops; backward from the saved output."""
+
+    @staticmethod
+    def forward(ctx, g: Tensor) -> Tensor:
+        p = (g - g.amax(-1, keepdim=True)).exp_()
+        p.div_(p.sum(-1, keepdim=True))
+        ctx.save_for_backward(p)
+        return p
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gp: Tensor) -> Tensor:
+        (p,) = ctx.saved_tensors
+        gg = gp * p
+        return gg.sub_(p * gg.sum(-1, keepdim=True))
+
+
+def _softmax(g: Tensor) -> Tensor:
+    if g.device.type == "cpu" and g.shape[-1] < _SHORT_ROW:
+        return _ShortRowSoftmax.apply(g)
+    return torch.softmax(g, -1)
 
 
 def check_norm(norm: str) -> None:
@@ -46,7 +76,7 @@ def normalize_rows(logits: Tensor, norm: str = "softmax") -> Tensor:
     check_norm(norm)
     g = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
     if norm == "softmax":
-        return torch.softmax(g, -1)
+        return _softmax(g)
     if norm == "sigmoid":
         s = torch.sigmoid(g)
         return s / s.sum(-1, keepdim=True)

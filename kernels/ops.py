@@ -3,7 +3,7 @@
 A mixer holds one `ScanOp` and calls `op(trans, u, h0, reverse, reset)`. Sequence parallelism
 (llm_lru.parallel) wraps the same op and needs two more things from it, both exact:
 `product(trans, reverse, reset)`, the state map P of a whole slice (h_last(h0) = P h0 + h_last(0)),
-and `apply(P, h)`. The built-in ops also offer `carry(trans, u, reverse, reset) -> (P, s)`, both in
+and `apply(P, h)`; `prepare(trans, u)` lets it run an op's stateless work before waiting for a carry. The built-in ops also offer `carry(trans, u, reverse, reset) -> (P, s)`, both in
 one pass (s = h_last from zero; values only, no autograd), which sequence parallelism prefers.
 State layouts: block/companion (B, N, m), diag (B, N).
 
@@ -70,6 +70,12 @@ class ScanOp:
 
     def product(self, trans: Tensor, reverse: bool = False, reset: Optional[Tensor] = None) -> Tensor:
         raise NotImplementedError
+
+    def prepare(self, trans: Tensor, u: Tensor) -> Tuple["ScanOp", Tensor, Tensor]:
+        """(op, trans', u') with op(trans', u', ...) == self(trans, u, ...): the differentiable work
+        that needs no state (e.g. gate normalisation) done up front, so that sequence parallelism
+        does it before it waits for a carry rather than after. Default: nothing to do."""
+        return self, trans, u
 
     def apply(self, P: Tensor, h: Tensor) -> Tensor:
         """P h for this op's state layout (block: (B,N,m,m) x (B,N,m))."""

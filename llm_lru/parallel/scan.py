@@ -334,14 +334,17 @@ class SPScan(ScanOp):
     def __call__(self, trans, u, h0=None, reverse=False, reset=None):
         if self.group is None or group_size(self.group) == 1:
             return self.inner(trans, u, h0, reverse, reset)
+        # Stateless work (gate normalisation) first, under autograd: then a rank waits for its carry
+        # only for the scan itself, and in backward sends its carry's gradient before going on to it.
+        inner, trans, u = self.inner.prepare(trans, u)
         build = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (trans, u, h0))
         fn = _AllGatherScan if self.carry == "allgather" else _RingScan
         if not build:  # inference: the same exchange, no graph kept
             with torch.no_grad():
-                return fn.forward(_NoCtx(), self.inner, self.group, bool(reverse), reset, False, True,
+                return fn.forward(_NoCtx(), inner, self.group, bool(reverse), reset, False, True,
                                   self.final_state, trans, u, h0)
         recompute = _outer_hooks_active() if self.recompute is None else self.recompute
-        return fn.apply(self.inner, self.group, bool(reverse), reset, True, not recompute, self.final_state,
+        return fn.apply(inner, self.group, bool(reverse), reset, True, not recompute, self.final_state,
                         trans, u, h0)
 
     def product(self, trans, reverse=False, reset=None):

@@ -34,6 +34,26 @@ def test_normalize_rows_matches_formula(norm):
         assert (P >= 0).all()
 
 
+@pytest.mark.parametrize("width", [2, 3, 5, 7, 8, 17])  # below and above the short-row path
+def test_softmax_values_and_gradient_match_the_jacobian(width):
+    g = (torch.randn(4, 6, width, dtype=torch.float64) * 3).requires_grad_()
+    go = torch.randn(4, 6, width, dtype=torch.float64)
+    P = normalize_rows(g, "softmax")
+    P.backward(go)
+    e = (g.detach() - g.detach().amax(-1, keepdim=True)).exp()
+    want = e / e.sum(-1, keepdim=True)
+    jac = torch.diag_embed(want) - want[..., :, None] * want[..., None, :]  # dP_i/dg_j = P_i (d_ij - P_j)
+    torch.testing.assert_close(P.detach(), want, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(g.grad, torch.einsum("...i,...ij->...j", go, jac), rtol=1e-10, atol=1e-12)
+
+
+def test_softmax_large_logits_stay_finite():
+    g = torch.tensor([[1000.0, 999.0, -1000.0, 0.0, 1000.0]])
+    P = normalize_rows(g, "softmax")
+    e = torch.tensor([1.0, math.exp(-1.0), 0.0, 0.0, 1.0])
+    torch.testing.assert_close(P[0], e / e.sum())
+
+
 def test_normalize_rows_half_inputs_and_zero_rows():
     g = torch.randn(2, 3, dtype=torch.bfloat16)
     assert normalize_rows(g, "softmax").dtype == torch.float32
