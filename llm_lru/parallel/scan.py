@@ -24,7 +24,10 @@ carry="ring": rank k receives c_k from rank k-1 (blocking recv), scans once, sen
 the final state is broadcast from the last rank. Backward: the gradient of c travels the other
 way, one send per rank. Fewer flops, but the slices are scanned one after another. Under a graph
 the sends do not wait for the receiver (isend, waited for in backward and at backward's end), so
-a rank runs ahead of the ones it feeds and only the first layer's scan is a pipeline bubble.
+a rank runs ahead of the ones it feeds: per step, the pipeline's fill is about one slice scan in
+forward and one in backward (the slowest layer's), not one per layer. The op's stateless work
+(`ScanOp.prepare`: gate normalisation) runs before a rank waits for its carry, and its backward
+after the carry's gradient has been sent, so neither is in the fill.
 With final_state=False the last rank's (P, s) is folded by nobody: under "allgather" it skips
 its carry pass (zeros in the gather), so at sp = 2 only rank 1 waits, as in the ring.
 
