@@ -15,7 +15,6 @@ import json
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,20 +23,9 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from llm_lru.kernels.gates import normalize_rows  # noqa: E402
+from scan_cpu import interleaved_times  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 RESULTS = ROOT / "bench" / "results"
-
-
-def _medians(fns, repeats: int):
-    for fn in fns:
-        fn()
-    times = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, ts in zip(fns, times):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-    return [statistics.median(ts) for ts in times]
 
 
 def _case(shape, repeats: int) -> dict:
@@ -55,7 +43,8 @@ def _case(shape, repeats: int) -> dict:
 
     ours = lambda x: normalize_rows(x, "softmax")  # noqa: E731
     base = lambda x: torch.softmax(x, -1)  # noqa: E731
-    f_base, f_ours, fb_base, fb_ours = _medians([fwd(base), fwd(ours), fwd_bwd(base), fwd_bwd(ours)], repeats)
+    f_base, f_ours, fb_base, fb_ours = interleaved_times([fwd(base), fwd(ours), fwd_bwd(base), fwd_bwd(ours)],
+                                                        repeats, statistics.median)
     return dict(shape=list(shape), fwd_torch_s=f_base, fwd_ours_s=f_ours, fwd_speedup=f_base / f_ours,
                 fwd_bwd_torch_s=fb_base, fwd_bwd_ours_s=fb_ours, fwd_bwd_speedup=fb_base / fb_ours)
 

@@ -31,8 +31,9 @@ def _best(fn, repeats: int) -> float:
     return min(times)
 
 
-def _best_interleaved(fns, repeats: int):
-    """Best times of several functions run in turn, so that load on a shared machine hits all alike."""
+def interleaved_times(fns, repeats: int, pick=min):
+    """pick (best by default) of the times of several functions run in turn after a warm-up, so
+    that load on a shared machine hits all alike."""
     for fn in fns:
         fn()
     times = [[] for _ in fns]
@@ -41,7 +42,7 @@ def _best_interleaved(fns, repeats: int):
             t0 = time.perf_counter()
             fn()
             ts.append(time.perf_counter() - t0)
-    return [min(ts) for ts in times]
+    return [pick(ts) for ts in times]
 
 
 def _fwd(scan, inputs):
@@ -110,7 +111,7 @@ def main() -> int:
     a, u, h0 = _stable(B, T, N, 1)[..., 0], torch.randn(B, T, N), torch.randn(B, N)
     block1 = lambda a, u, h0: chunked.block_scan_chunked(a[..., None, None], u[..., None], h0[..., None])  # noqa: E731
     for mode, wrap in (("fwd", _fwd), ("fwd+bwd", _fwd_bwd)):
-        t_diag, t_block = _best_interleaved([wrap(chunked.diag_scan_chunked, (a, u, h0)), wrap(block1, (a, u, h0))],
+        t_diag, t_block = interleaved_times([wrap(chunked.diag_scan_chunked, (a, u, h0)), wrap(block1, (a, u, h0))],
                                             3 * args.repeats)
         rows.append({"case": f"diag vs block m=1 B={B} T={T} N={N}", "mode": mode, "diag_s": t_diag,
                      "block_m1_s": t_block, "speedup_vs_block_m1": t_block / t_diag})
