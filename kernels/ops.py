@@ -3,8 +3,9 @@
 A mixer holds one `ScanOp` and calls `op(trans, u, h0, reverse, reset)`. Sequence parallelism
 (llm_lru.parallel) wraps the same op and needs two more things from it, both exact:
 `product(trans, reverse, reset)`, the state map P of a whole slice (h_last(h0) = P h0 + h_last(0)),
-and `apply(P, h)`; `prepare(trans, u)` lets it run an op's stateless work before waiting for a carry. The built-in ops also offer `carry(trans, u, reverse, reset) -> (P, s)`, both in
-one pass (s = h_last from zero; values only, no autograd), which sequence parallelism prefers.
+and `apply(P, h)`; `prepare(trans, u)` lets it run an op's stateless work before waiting for a
+carry. The built-in ops also offer `carry(trans, u, reverse, reset) -> (P, s)`, both in one pass
+(s = h_last from zero; values only, no autograd), which sequence parallelism prefers.
 State layouts: block/companion (B, N, m), diag (B, N).
 
 Backend choice (LLM_LRU_SCAN or `set_backend`): "auto" (Triton on CUDA tensors, the fast
