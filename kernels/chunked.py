@@ -19,7 +19,8 @@ only its inputs and outputs, never a per-step graph.
 from __future__ import annotations
 
 import math
-from typing import Iterator, Optional, Tuple
+from contextlib import contextmanager
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -111,6 +112,48 @@ def _orders(C: int, nc: int, reverse: bool):
 
 
 # ----------------------------------------------------------------------------------------------
+# Deferred initial states (sequence parallelism): a chunked scan reads h0 only after pass 1, which
+# does not need it, so a rank can scan its chunks while its carry is still on the way.
+
+SliceMap = Callable[[], Tuple[Tensor, Tensor]]
+_deferred: Dict[int, Tuple[Tensor, Callable[[SliceMap], Tensor]]] = {}
+
+
+@contextmanager
+def deferred_state(h0: Tensor, resolve: Callable[[SliceMap], Tensor]):
+    """Inside the block, a chunked scan (block, diag, companion) called with this very `h0`
+    runs its carry-independent pass first, then calls resolve(slice_map) and writes what it
+    returns into h0 in place (h0 is a buffer of the state's shape; a leaf that may require grad:
+    its gradient is the gradient of the value written). slice_map() -> (P, s), the whole slice's
+    map from zero, h_last(h0) = P h0 + s, for callers that must send or gather carries first.
+    Yields a function that tells whether the scan consumed the deferral."""
+    _deferred[id(h0)] = (h0, resolve)
+    try:
+        yield lambda: id(h0) not in _deferred
+    finally:
+        _deferred.pop(id(h0), None)
+
+
+def _resolve(h0: Optional[Tensor], slice_map: SliceMap) -> None:
+    if h0 is None:
+        return
+    entry = _deferred.get(id(h0))
+    if entry is None or entry[0] is not h0:
+        return
+    del _deferred[id(h0)]
+    value = entry[1](slice_map)
+    with torch.no_grad():
+        h0.copy_(value)
+
+
+def _map_of_ends(end: Tensor, chunks) -> Tuple[Tensor, Tensor]:
+    """end: (m, m+1, B, nc, N) chunk maps [P | s] -> the slice's (P (B, N, m, m), s (B, N, m))."""
+    m, _, B, nc, N = end.shape
+    Y = _fold_maps(end.permute(3, 2, 4, 0, 1).reshape(nc, B * N, m, m + 1), chunks).view(B, N, m, m + 1)
+    return Y[..., :m], Y[..., m]
+
+
+# ----------------------------------------------------------------------------------------------
 # Block scan
 
 def _carries(end: Tensor, h0: Optional[Tensor], chunks) -> Tensor:
@@ -163,6 +206,7 @@ def _block_core(A: Tensor, u: Tensor, h0: Optional[Tensor], reverse: bool, C: in
     del As, us
     if nc == 1 and h0 is None:
         return _unchunk(X[:, :, m].permute(0, 2, 3, 4, 1), T)
+    _resolve(h0, lambda: _map_of_ends(X[prev], chunks))
     hin = _carries(X[prev], h0, chunks)  # (m, B, nc, N)
     h = X[:, :, m]
     for k in range(m):  # h_t = local_t + Pcum_t h_in
@@ -199,6 +243,7 @@ def _block_core_bmm(A: Tensor, u: Tensor, h0: Optional[Tensor], reverse: bool, C
     del Ac, Af, uc, uf
     if nc == 1 and h0 is None:
         return _unchunk(X[..., m], T)
+    _resolve(h0, lambda: _map_of_ends(X[prev].permute(3, 4, 0, 1, 2), chunks))
     hin = _carries(X[prev].permute(3, 4, 0, 1, 2), h0, chunks)  # (m, B, nc, N)
     h = torch.matmul(X[..., :m], hin.permute(1, 2, 3, 0)[..., None]).squeeze(-1).add_(X[..., m])
     return _unchunk(h, T)
@@ -279,6 +324,7 @@ def _diag_core(a: Tensor, u: Tensor, h0: Optional[Tensor], reverse: bool, C: int
             torch.addcmul(uc[t], ac[t], s, out=spare)
             s, spare = spare, s
         P = ac.prod(0)  # (B, nc, N), exact with zeros (no division)
+        _resolve(h0, lambda: _diag_fold(P, s, chunks))
         hin = torch.zeros((nc, B, N), dtype=dt, device=u.device)
         if h0 is not None:
             hin[chunks[0]] = h0
@@ -375,11 +421,26 @@ def _hist_core(cf: Tensor, x: Tensor, hist: Optional[Tensor], C: int, qend: Opti
     if qend is not None:
         qe = _chunk(qend, C, nc, True, torch.bool)[C - 1]  # (B, nc, m)
         end = end * qe.permute(2, 0, 1)[:, None, :, :, None]
+    _resolve(hist, lambda: _hist_map(Z, end, qend, T))
     hin = _carries(end, hist, list(range(nc)))
     y = Z[m:, m]
     for j in range(m):
         y.addcmul_(Z[m:, j], hin[j])
     return _unchunk(y, T)
+
+
+def _hist_map(Z: Tensor, end: Tensor, qend: Optional[Tensor], T: int) -> Tuple[Tensor, Tensor]:
+    """The slice's (P, s) from _hist_core's pass 1: the chunk-end maps, the last chunk's taken at
+    the slice's last step (not the padded chunk end), folded."""
+    m, nc = end.shape[0], end.shape[3]
+    C = Z.shape[0] - m
+    last = (T - 1) - (nc - 1) * C
+    tail = Z[last + 1:last + m + 1].flip(0)[:, :, :, nc - 1]  # (m, m+1, B, N), state j = time last-j
+    if qend is not None:
+        tail = tail * qend[:, T - 1].t()[:, None, :, None]
+    end = end.clone()
+    end[:, :, :, nc - 1] = tail
+    return _map_of_ends(end, list(range(nc)))
 
 
 def _history(y: Tensor, h0: Optional[Tensor], m: int) -> Tensor:
@@ -578,10 +639,15 @@ def diag_carry(a: Tensor, u: Tensor, reverse: bool = False, chunk: Optional[int]
             torch.addcmul(uc[t], ac[t], s, out=spare)
             s, spare = spare, s
         P = ac.prod(0)  # (B, nc, N), exact with zeros (no division)
-        Pt, st = P[:, chunks[0]].clone(), s[:, chunks[0]].clone()
-        for c in chunks[1:]:
-            st = torch.addcmul(s[:, c], P[:, c], st)
-            Pt.mul_(P[:, c])
+        return _diag_fold(P, s, chunks)
+
+
+def _diag_fold(P: Tensor, s: Tensor, chunks) -> Tuple[Tensor, Tensor]:
+    """Chunk maps P, s (B, nc, N) -> the slice's (P, s) (B, N), folded along `chunks`."""
+    Pt, st = P[:, chunks[0]].clone(), s[:, chunks[0]].clone()
+    for c in chunks[1:]:
+        st = torch.addcmul(s[:, c], P[:, c], st)
+        Pt.mul_(P[:, c])
     return Pt, st
 
 

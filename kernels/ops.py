@@ -59,6 +59,11 @@ def _mask(trans: Tensor, reset: Optional[Tensor], reverse: bool = False) -> Tens
     return trans * keep.reshape(*keep.shape, *([1] * (trans.dim() - 2)))
 
 
+def _chunked_path(*tensors: Tensor) -> bool:
+    from . import backend_for
+    return backend_for(*tensors) == "torch"
+
+
 class ScanOp:
     """A family of linear recurrences; subclasses fix the layout of `trans`, `u` and the state."""
 
@@ -77,6 +82,11 @@ class ScanOp:
         that needs no state (e.g. gate normalisation) done up front, so that sequence parallelism
         does it before it waits for a carry rather than after. Default: nothing to do."""
         return self, trans, u
+
+    def defers_state(self, trans: Tensor, u: Tensor) -> bool:
+        """True when this op's scan honours `chunked.deferred_state` on these inputs: it runs its
+        carry-independent pass before it reads h0 (the chunked PyTorch path)."""
+        return False
 
     def apply(self, P: Tensor, h: Tensor) -> Tensor:
         """P h for this op's state layout (block: (B,N,m,m) x (B,N,m))."""
@@ -99,6 +109,9 @@ class BlockScan(ScanOp):
     def __call__(self, A, u, h0=None, reverse=False, reset=None):
         from . import block_scan
         return block_scan(_mask(A, reset, reverse), u, h0, reverse)
+
+    def defers_state(self, trans, u):
+        return _chunked_path(trans, u)
 
     def product(self, A, reverse=False, reset=None):
         from . import block_product
@@ -125,6 +138,9 @@ class DiagScan(ScanOp):
     def __call__(self, a, u, h0=None, reverse=False, reset=None):
         from . import diag_scan
         return diag_scan(_mask(a, reset, reverse), u, h0, reverse)
+
+    def defers_state(self, trans, u):
+        return _chunked_path(trans, u)
 
     def product(self, a, reverse=False, reset=None):
         from .checks import acc_dtype
@@ -158,6 +174,9 @@ class CompanionScan(ScanOp):
     def __call__(self, a, x, h0=None, reverse=False, reset=None):
         from . import companion_scan
         return companion_scan(a, x, h0, reverse, transition_mask(reset, reverse))
+
+    def defers_state(self, trans, u):
+        return _chunked_path(trans, u)
 
     def product(self, a, reverse=False, reset=None):
         from . import companion_product

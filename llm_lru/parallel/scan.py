@@ -38,10 +38,12 @@ Not twice differentiable.
 """
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence, Tuple
+from contextlib import contextmanager
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 
+from llm_lru.kernels.chunked import deferred_state
 from llm_lru.kernels.ops import ScanOp
 
 from .comm import all_gather, all_reduce, broadcast, group_rank, group_size, recv, send, send_async, wait_sends
@@ -102,21 +104,40 @@ class _Slice:
         self.inner, self.reverse, self.reset, self.keep = inner, reverse, reset, keep
         self.c: Optional[Tensor] = None
 
-    def run(self, trans: Tensor, u: Tensor, c: Optional[Tensor], c_grad: bool, build: bool) -> Tuple[Tensor, Tensor]:
-        """(h, h_last) of the slice from c; records the graph when build (and keep)."""
+    def run(self, trans: Tensor, u: Tensor, c: Optional[Tensor], c_grad: bool, build: bool,
+            resolve: Optional[Callable] = None) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+        """(h, h_last, c) of the slice from carry c; records the graph when build (and keep).
+
+        resolve: c is then only a template (shape, dtype) and the carry is resolve(slice_map),
+        which the scan calls once its carry-free pass is done (chunked.deferred_state): a rank
+        scans its chunks while its carry is on the way, and may send its own carry on before
+        it writes its states."""
         self.c_grad = build and c is not None and c_grad
+        if resolve is not None:
+            c = torch.zeros_like(c)
         if build and self.keep:
             with torch.autograd.graph.saved_tensors_hooks(lambda x: x, lambda x: x):
-                self._build(trans, u, c)
-            return self.h.detach(), self.h_last.detach()
-        with torch.no_grad():
-            return self.inner(trans, u, c, self.reverse, self.reset)
+                self._build(trans, u, c, resolve)
+            return self.h.detach(), self.h_last.detach(), None if self.c is None else self.c.detach()
+        with torch.no_grad(), self._deferring(c, resolve):
+            h, h_last = self.inner(trans, u, c, self.reverse, self.reset)
+        return h, h_last, c
 
-    def _build(self, trans: Tensor, u: Tensor, c: Optional[Tensor]) -> None:
+    @contextmanager
+    def _deferring(self, c: Optional[Tensor], resolve: Optional[Callable]):
+        if resolve is None:
+            yield
+            return
+        with deferred_state(c, resolve) as consumed:
+            yield
+            if not consumed():
+                raise RuntimeError(f"{self.inner!r} says it defers its initial state but never asked for it")
+
+    def _build(self, trans: Tensor, u: Tensor, c: Optional[Tensor], resolve: Optional[Callable] = None) -> None:
         self.trans = trans.detach().requires_grad_(trans.requires_grad)
         self.u = u.detach().requires_grad_(u.requires_grad)
         self.c = None if c is None else c.detach().requires_grad_(self.c_grad)
-        with torch.enable_grad():
+        with torch.enable_grad(), self._deferring(self.c, resolve):
             self.h, self.h_last = self.inner(self.trans, self.u, self.c, self.reverse, self.reset)
 
     def rebuild(self, trans: Tensor, u: Tensor, c: Optional[Tensor]) -> None:
@@ -187,43 +208,75 @@ def _restore(ctx, sl: _Slice) -> None:
         sl.rebuild(*ctx.saved_tensors)
 
 
+def _gather_fold(inner: ScanOp, group, reverse: bool, reset, P: Tensor, s: Tensor):
+    """ONE all-gather of every slice's (P, s, keep) -> (Ps, keeps, carries, final state), scan order."""
+    dt = _carry_dtype(P, s)
+    keep_k = _keep(reset, reverse, s, dt)
+    got = all_gather(torch.cat([P.reshape(-1).to(dt), s.reshape(-1).to(dt), keep_k.reshape(-1)]), group)
+    Ps, Ss, keeps = _unpack(got, [P.shape, s.shape, keep_k.shape], group_size(group), reverse)
+    cs, final = _fold(inner, Ps, Ss, keeps)
+    return Ps, keeps, cs, final
+
+
+def _allgather_two_pass(sl: "_Slice", inner: ScanOp, group, reverse: bool, reset, build: bool, final_state: bool,
+                        trans: Tensor, u: Tensor, h0: Optional[Tensor], k: int, K: int):
+    """The all-gather for ops that read h0 first (reference, Triton): a carry pass (P, s) from zero,
+    the gather, and the slice scanned again from its carry. The owner of the sequence start scans
+    once, from h0."""
+    if k == 0:  # its scan from h0 is already the right one
+        c = h0
+        h, s, _ = sl.run(trans, u, h0, h0 is not None and h0.requires_grad, build)
+        with torch.no_grad():  # P_0 is never needed; only its shape (one-step probe)
+            P = torch.zeros_like(inner.product(trans[:, :1], reverse, None))
+    elif k == K - 1 and not final_state:
+        # Nobody folds the last slice's (P, s) unless the sequence's final state is served:
+        # skip its carry pass and send zeros of the right shapes (one-step probes).
+        with torch.no_grad():
+            P = torch.zeros_like(inner.product(trans[:, :1], reverse, None))
+            s = torch.zeros_like(inner(trans[:, :1], u[:, :1], None, reverse, None)[1])
+    else:
+        with torch.no_grad():
+            P, s = _slice_carry(inner, trans, u, reverse, reset)
+    Ps, keeps, cs, final = _gather_fold(inner, group, reverse, reset, P, s)
+    d = s
+    if k > 0:
+        h, d, c = sl.run(trans, u, cs[k].to(s.dtype), True, build)
+    return h, d, c, Ps, keeps, final
+
+
 class _AllGatherScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, inner, group, reverse, reset, build, keep, final_state, trans, u, h0):
         K, r = group_size(group), group_rank(group)
         k = _order(r, K, reverse)
         sl = _Slice(inner, reverse, reset, keep)
-        if k == 0:  # the owner of the sequence start: its scan from h0 is already the right one
-            c = h0
-            h, s = sl.run(trans, u, h0, h0 is not None and h0.requires_grad, build)
-            with torch.no_grad():  # P_0 is never needed; only its shape (one-step probe)
-                P = torch.zeros_like(inner.product(trans[:, :1], reverse, None))
-        elif k == K - 1 and not final_state:
-            # Nobody folds the last slice's (P, s) unless the sequence's final state is served:
-            # skip its carry pass and send zeros of the right shapes (one-step probes).
-            with torch.no_grad():
-                P = torch.zeros_like(inner.product(trans[:, :1], reverse, None))
-                s = torch.zeros_like(inner(trans[:, :1], u[:, :1], None, reverse, None)[1])
+        if inner.defers_state(trans, u):
+            # One scan per rank: its carry-free pass, then the gather (inside the scan), then its states.
+            with torch.no_grad():  # the state's shape and dtype, from a one-step probe
+                _, like = inner(trans[:, :1], u[:, :1], None, reverse, None)
+            ex = {}
+
+            def resolve(slice_map):
+                P, s = slice_map()
+                if k == 0 and h0 is not None:  # the owner's slice starts from h0
+                    s = inner.apply(P, h0.to(P.dtype)) + s
+                ex["Ps"], ex["keeps"], cs, ex["final"] = _gather_fold(inner, group, reverse, reset, P, s)
+                c = cs[k] if k > 0 else (h0 if h0 is not None else torch.zeros_like(like))
+                return c.to(like.dtype)
+
+            h, d, c = sl.run(trans, u, like, k > 0 or (h0 is not None and h0.requires_grad), build, resolve)
+            Ps, keeps, final = ex["Ps"], ex["keeps"], ex["final"]
         else:
-            with torch.no_grad():
-                P, s = _slice_carry(inner, trans, u, reverse, reset)
-        dt = _carry_dtype(P, s)
-        keep_k = _keep(reset, reverse, s, dt)
-        got = all_gather(torch.cat([P.reshape(-1).to(dt), s.reshape(-1).to(dt), keep_k.reshape(-1)]), group)
-        Ps, Ss, keeps = _unpack(got, [P.shape, s.shape, keep_k.shape], K, reverse)
-        cs, final = _fold(inner, Ps, Ss, keeps)
-        d = s
-        if k > 0:
-            c = cs[k].to(s.dtype)
-            h, d = sl.run(trans, u, c, True, build)
+            h, d, c, Ps, keeps, final = _allgather_two_pass(sl, inner, group, reverse, reset, build, final_state,
+                                                            trans, u, h0, k, K)
         _save(ctx, sl, build, trans, u, c)
         ctx.inner, ctx.group, ctx.reverse, ctx.k = inner, group, reverse, k
-        ctx.sl, ctx.Ps, ctx.keeps, ctx.state_shape, ctx.dt = sl, Ps, keeps, s.shape, dt
+        ctx.sl, ctx.Ps, ctx.keeps, ctx.state_shape, ctx.dt = sl, Ps, keeps, d.shape, final.dtype
         ctx.h0_like, ctx.final_state = h0, final_state
         if not final_state:  # this slice's own final state, no gradient
             ctx.mark_non_differentiable(d)
             return h, d
-        return h, final.to(s.dtype)
+        return h, final.to(d.dtype)
 
     @staticmethod
     def backward(ctx, g_h, g_final):
@@ -271,11 +324,25 @@ class _RingScan(torch.autograd.Function):
         sl = _Slice(inner, reverse, reset, keep)
         with torch.no_grad():  # the state's shape and dtype, from a one-step probe
             _, like = inner(trans[:, :1], u[:, :1], None, reverse, None)
-        c = h0 if k == 0 else recv(like, prev, group)
-        h, d = sl.run(trans, u, c, k > 0 or (h0 is not None and h0.requires_grad), build)
-        keep_k = _keep(reset, reverse, d, d.dtype)
-        if k < K - 1:  # with a graph, do not idle until the next rank posts its recv
-            (send_async if build else send)(keep_k * d, nxt, group)
+        keep_k = _keep(reset, reverse, like, like.dtype)
+        send_on = send_async if build else send  # with a graph, do not idle until the next rank posts its recv
+        c_grad = k > 0 or (h0 is not None and h0.requires_grad)
+        if inner.defers_state(trans, u):
+            # The scan asks for its carry after its carry-free pass (done while the carry travels),
+            # and the next rank gets d = P c + s before this one writes its states.
+            def resolve(slice_map):
+                c = recv(like, prev, group) if k > 0 else (h0 if h0 is not None else torch.zeros_like(like))
+                if k < K - 1:
+                    P, s = slice_map()
+                    send_on((keep_k * (inner.apply(P, c.to(P.dtype)) + s)).to(like.dtype), nxt, group)
+                return c
+
+            h, d, c = sl.run(trans, u, like, c_grad, build, resolve)
+        else:
+            c = h0 if k == 0 else recv(like, prev, group)
+            h, d, c = sl.run(trans, u, c, c_grad, build)
+            if k < K - 1:
+                send_on(keep_k * d, nxt, group)
         _save(ctx, sl, build, trans, u, c)
         ctx.group, ctx.k, ctx.K, ctx.prev, ctx.nxt = group, k, K, prev, nxt
         ctx.sl, ctx.keep, ctx.h0_like, ctx.final_state = sl, keep_k, h0, final_state

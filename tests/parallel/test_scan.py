@@ -6,7 +6,8 @@ sequence's final state and the gradients of trans, u and h0 equal the sp = 1 run
 with and without a user h0, with and without document starts (random ones, and ones exactly on
 rank boundaries, which in reverse scans cut the carry between ranks); with the slice's graph
 kept from forward and rebuilt in backward (recompute); without the final state (training
-mode, final_state=False); and without autograd (inference).
+mode, final_state=False); without autograd (inference); and with the chunked ops' initial state
+deferred (their carry-free pass before the carry) and not (the route of ops that read h0 first).
 The total loss is the sum of the ranks' local losses (see llm_lru.parallel.scan).
 The default test runs a covering subset of the combinations; the slow one runs all of them.
 """
@@ -18,7 +19,7 @@ import torch.distributed as dist
 
 from llm_lru.parallel.scan import SPScan
 from tests.distributed import run_world
-from tests.parallel.cases import SCAN_CASES, check_results, close, doc_starts, scan_inputs, sp_groups
+from tests.parallel.cases import SCAN_CASES, ReadsStateFirst, check_results, close, doc_starts, scan_inputs, sp_groups
 
 # (carry, recompute, final_state)
 CARRIES = [("allgather", False, True), ("ring", False, True), ("allgather", True, True), ("ring", True, True),
@@ -26,12 +27,15 @@ CARRIES = [("allgather", False, True), ("ring", False, True), ("allgather", True
 
 
 def _variants(full, seed):
-    """(reset index, use_h0, (carry, recompute, final_state)) to run for one op and direction:
-    all of them, or a covering subset (each carry mode alternates between ops)."""
+    """(reset index, use_h0, (carry, recompute, final_state), deferred) to run for one op and
+    direction: all of them, or a covering subset (each carry mode alternates between ops).
+    deferred: the chunked op as it is (its h0 deferred until its carry-free pass is done), or
+    ReadsStateFirst(op) (the route of ops that read h0 first)."""
     if full:
-        return list(itertools.product((0, 1), (False, True), CARRIES))
-    return [(0, True, CARRIES[0]), (1, False, CARRIES[1]), (1, True, CARRIES[0]), (1, True, CARRIES[1]),
-            (1, True, CARRIES[2 + seed % 2]), (1, True, CARRIES[4 + seed % 2])]
+        return list(itertools.product((0, 1), (False, True), CARRIES, (True, False)))
+    subset = [(0, True, CARRIES[0]), (1, False, CARRIES[1]), (1, True, CARRIES[0]), (1, True, CARRIES[1]),
+              (1, True, CARRIES[2 + seed % 2]), (1, True, CARRIES[4 + seed % 2])]
+    return [v + ((i + seed) % 2 == 0,) for i, v in enumerate(subset)]
 
 
 def _scan_case(op, name, m, group, k, rank, t_local, seed, full, errors):
@@ -43,7 +47,7 @@ def _scan_case(op, name, m, group, k, rank, t_local, seed, full, errors):
     resets = [None, doc_starts(B, T, t_local, gen)]
     n = 0
     for reverse in (False, True):
-        for ri, use_h0, (carry, recompute, final_state) in _variants(full, seed):
+        for ri, use_h0, (carry, recompute, final_state), deferred in _variants(full, seed):
             reset = resets[ri]
             # reference: the unsplit op, loss = <h, w_h> + <h_last, w_last>
             x = [t.clone().requires_grad_() for t in (trans, u, h0)]
@@ -53,8 +57,8 @@ def _scan_case(op, name, m, group, k, rank, t_local, seed, full, errors):
             ((h_ref * w_h).sum() + (last_ref * w_last).sum()).backward()
             picker = (seed + ri) % k  # the one rank whose loss uses the final state
             tag = (f"sp={k} {name} m={m} reverse={reverse} reset={ri} h0={use_h0} carry={carry} "
-                   f"recompute={recompute} final_state={final_state}")
-            sp_op = SPScan(op, group, carry, recompute, final_state)
+                   f"recompute={recompute} final_state={final_state} deferred={deferred}")
+            sp_op = SPScan(op if deferred else ReadsStateFirst(op), group, carry, recompute, final_state)
             local_reset = None if reset is None else reset[:, sl]
             y = [t.clone().requires_grad_() for t in (trans[:, sl], u[:, sl], h0)]
             h, last = sp_op(y[0], y[1], y[2] if use_h0 else None, reverse, local_reset)
