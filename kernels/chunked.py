@@ -83,7 +83,10 @@ def _chunk(x: Tensor, C: int, nc: int, fill, dtype: torch.dtype, shift: int = 0,
         out = torch.empty((C, B, nc) + tuple(x.shape[2:]), dtype=dtype, device=x.device)
     v = out.movedim(0, 2)
     Tp = nc * C
-    lo, hi = max(0, -shift), max(max(0, -shift), min(Tp, Tx - shift))
+    # Positions past the sequence are padding even where a shift reaches back into it (a padded
+    # chunk's end state is then the slice's last state, which deferred states rely on).
+    lo = max(0, -shift)
+    hi = max(lo, min(Tp, Tx, Tx - shift))
     if not isinstance(fill, Tensor):
         fill = torch.tensor(fill, dtype=dtype, device=x.device)
     _put(v, 0, lo, C, fill)
@@ -113,10 +116,29 @@ def _orders(C: int, nc: int, reverse: bool):
 
 # ----------------------------------------------------------------------------------------------
 # Deferred initial states (sequence parallelism): a chunked scan reads h0 only after pass 1, which
-# does not need it, so a rank can scan its chunks while its carry is still on the way.
+# does not need it, so a rank can scan its chunks while its carry is still on the way. The same
+# holds for the backward scan and its seed, the gradient of h_last.
 
 SliceMap = Callable[[], Tuple[Tensor, Tensor]]
-_deferred: Dict[int, Tuple[Tensor, Callable[[SliceMap], Tensor]]] = {}
+
+
+class Deferral:
+    """An initial state registered by `deferred_state`.
+
+    resolve(slice_map) -> h0: called once by the forward scan after its carry-free pass.
+    seed(h0_grad_of) -> extra dL/dh_last: set by the caller before it runs backward; called once
+    by the backward scan after its carry-free pass, with h0_grad_of(extra) -> dL/dh0 for that
+    seed (from the backward scan's own slice map), so a caller can pass dL/dh0 on before the
+    slice's gradients are written.
+    """
+
+    def __init__(self, h0: Tensor, resolve: Callable[[SliceMap], Tensor]):
+        self.h0, self.resolve = h0, resolve
+        self.consumed = False
+        self.seed: Optional[Callable[[Callable[[Tensor], Tensor]], Tensor]] = None
+
+
+_deferred: Dict[int, Deferral] = {}
 
 
 @contextmanager
@@ -126,24 +148,70 @@ def deferred_state(h0: Tensor, resolve: Callable[[SliceMap], Tensor]):
     returns into h0 in place (h0 is a buffer of the state's shape; a leaf that may require grad:
     its gradient is the gradient of the value written). slice_map() -> (P, s), the whole slice's
     map from zero, h_last(h0) = P h0 + s, for callers that must send or gather carries first.
-    Yields a function that tells whether the scan consumed the deferral."""
-    _deferred[id(h0)] = (h0, resolve)
+    Yields the Deferral (`consumed` tells whether the scan asked; `seed` defers backward's seed)."""
+    d = Deferral(h0, resolve)
+    _deferred[id(h0)] = d
     try:
-        yield lambda: id(h0) not in _deferred
+        yield d
     finally:
-        _deferred.pop(id(h0), None)
+        if _deferred.get(id(h0)) is d:
+            del _deferred[id(h0)]
+
+
+def _deferral(h0: Optional[Tensor]) -> Optional[Deferral]:
+    d = None if h0 is None else _deferred.get(id(h0))
+    return d if d is not None and d.h0 is h0 else None
 
 
 def _resolve(h0: Optional[Tensor], slice_map: SliceMap) -> None:
-    if h0 is None:
+    d = _deferral(h0)
+    if d is None or d.consumed:
         return
-    entry = _deferred.get(id(h0))
-    if entry is None or entry[0] is not h0:
-        return
+    d.consumed = True
     del _deferred[id(h0)]
-    value = entry[1](slice_map)
+    value, d.resolve = d.resolve(_once(slice_map)), None
     with torch.no_grad():
         h0.copy_(value)
+
+
+def _once(fn: SliceMap) -> SliceMap:
+    memo = []
+    return lambda: memo[0] if memo else memo.append(fn()) or memo[0]
+
+
+def _apply_map(P: Tensor, v: Tensor) -> Tensor:
+    return P * v if P.dim() == v.dim() else torch.einsum("...ij,...j->...i", P, v)
+
+
+@contextmanager
+def _backward_seed(ctx, glast: Tensor, to_seed: Callable[[Tensor], Tensor],
+                   h0_grad: Callable[[Tensor, Tensor], Tensor]):
+    """The seed of a backward scan: to_seed(glast), or, where the forward's h0 was deferred and
+    the caller set its Deferral's seed, a buffer that the backward scan fills after its
+    carry-free pass with to_seed(glast + seed(h0_grad_of)).
+    h0_grad(end, g_last) -> dL/dh0, from the backward scan's last state and the total dL/dh_last.
+    Yields (seed, total): total[0] is the total dL/dh_last once the scan has run."""
+    d = getattr(ctx, "deferral", None)
+    fn = None if d is None else d.seed
+    total = [glast]
+    if fn is None:
+        yield to_seed(glast), total
+        return
+    d.seed = None
+
+    def resolve(slice_map):
+        def h0_grad_of(extra):
+            P, s = slice_map()
+            g = glast + extra
+            return h0_grad(_apply_map(P, to_seed(g)) + s, g)
+        total[0] = glast + fn(h0_grad_of)
+        return to_seed(total[0])
+
+    buf = torch.empty_like(to_seed(glast))
+    with deferred_state(buf, resolve) as seeded:
+        yield buf, total
+        if not seeded.consumed:
+            raise RuntimeError("deferred backward seed: the backward scan never asked for it")
 
 
 def _map_of_ends(end: Tensor, chunks) -> Tuple[Tensor, Tensor]:
@@ -252,6 +320,7 @@ def _block_core_bmm(A: Tensor, u: Tensor, h0: Optional[Tensor], reverse: bool, C
 class _BlockScanFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, A, u, h0, reverse, C):
+        ctx.deferral = _deferral(h0)
         h = _block_core(A, u, h0, reverse, C)
         ctx.save_for_backward(A, h0, h)
         ctx.reverse, ctx.C, ctx.u_dtype = reverse, C, u.dtype
@@ -263,8 +332,11 @@ class _BlockScanFn(torch.autograd.Function):
         A, h0, h = ctx.saved_tensors
         rev, C = ctx.reverse, ctx.C
         # g_t = dL/dh_t + A_{t+1}^T g_{t+1} (reverse: A_{t-1}^T g_{t-1}), seeded by dL/dh_last.
-        g = _block_core(A, gh, glast, not rev, C, shift=-1 if rev else 1, transpose=True)
         first = -1 if rev else 0
+        A_first = A[:, first]
+        h0_grad = lambda g_first, _: torch.einsum("bnji,bnj->bni", A_first.to(g_first.dtype), g_first)  # noqa: E731
+        with _backward_seed(ctx, glast, lambda g: g, h0_grad) as (seed, _):
+            g = _block_core(A, gh, seed, not rev, C, shift=-1 if rev else 1, transpose=True)
         dA = dh0 = None
         if ctx.needs_input_grad[0]:
             dA = torch.empty(A.shape, dtype=g.dtype, device=g.device)
@@ -276,7 +348,7 @@ class _BlockScanFn(torch.autograd.Function):
                 torch.mul(g[:, first, ..., :, None], h0.to(g.dtype)[..., None, :], out=dA[:, first])
             dA = dA.to(A.dtype)
         if h0 is not None and ctx.needs_input_grad[2]:
-            dh0 = torch.einsum("bnji,bnj->bni", A[:, first].to(g.dtype), g[:, first]).to(h0.dtype)
+            dh0 = h0_grad(g[:, first], None).to(h0.dtype)
         du = g.to(ctx.u_dtype) if ctx.needs_input_grad[1] else None
         return dA, du, dh0, None, None
 
@@ -346,6 +418,7 @@ def _diag_core(a: Tensor, u: Tensor, h0: Optional[Tensor], reverse: bool, C: int
 class _DiagScanFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, u, h0, reverse, C):
+        ctx.deferral = _deferral(h0)
         h = _diag_core(a, u, h0, reverse, C)
         ctx.save_for_backward(a, h0, h)
         ctx.reverse, ctx.C, ctx.u_dtype = reverse, C, u.dtype
@@ -356,8 +429,10 @@ class _DiagScanFn(torch.autograd.Function):
     def backward(ctx, gh, glast):
         a, h0, h = ctx.saved_tensors
         rev, C = ctx.reverse, ctx.C
-        g = _diag_core(a, gh, glast, not rev, C, shift=-1 if rev else 1)
         first = -1 if rev else 0
+        a_first = a[:, first]
+        with _backward_seed(ctx, glast, lambda g: g, lambda g_first, _: a_first * g_first) as (seed, _):
+            g = _diag_core(a, gh, seed, not rev, C, shift=-1 if rev else 1)
         da = dh0 = None
         if ctx.needs_input_grad[0]:
             da = torch.empty(a.shape, dtype=g.dtype, device=g.device)
@@ -455,6 +530,7 @@ class _CompanionFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a, x, h0, reset, C):
+        ctx.deferral = _deferral(h0)
         B, T, N, m = a.shape
         dt = acc_dtype(a, x, h0)
         q = None if reset is None else _quiet(reset, m)
@@ -474,16 +550,17 @@ class _CompanionFn(torch.autograd.Function):
         B, T, N, m = a.shape
         dt = y.dtype
         # Adjoint: w_t = dL/dy_t + sum_k c_{t+k}[k-1] w_{t+k}, a reverse order-m recurrence. The
-        # gradient of the last state enters as a virtual step T with coefficients dL/ds_last, w_T = 1.
-        q = None if reset is None else _quiet(torch.cat([reset, reset.new_zeros(B, 1)], 1), m)
-        c = torch.cat([a.to(dt), gs.to(dt)[:, None]], 1)  # (B, T+1, N, m)
-        if q is not None:
-            c = c * q[:, :, None, 1:]
+        # gradient of the last state, dL/dy_{T-1-j} += gs[j] (masked like s_last), enters as the
+        # adjoint's history: w_{T+m-1-j} = gs[j], reaching w_{T-1-j} through a unit coefficient at lag m.
+        q = None if reset is None else _quiet(reset, m)
+        c = a.to(dt) if q is None else a.to(dt) * q[:, :, None, 1:]
+        to_seed = (lambda g: g.to(dt).flip(-1)) if q is None else (lambda g: (g.to(dt) * q[:, -1, None, :m]).flip(-1))
         cpad = torch.cat([c, c.new_zeros(B, m, N, m)], 1)
         b = torch.stack([cpad[:, k:k + T, :, k - 1] for k in range(1, m + 1)], -1)  # b_t[k-1] = c_{t+k}[k-1]
-        seed = torch.zeros(B, N, m, dtype=dt, device=y.device)
-        seed[..., 0] = 1
-        w = _hist_core(b.flip(1).flip(-1), gy.flip(1), seed, ctx.C, None).flip(1)  # (B, T, N)
+        b[:, max(T - m, 0):, :, m - 1] = 1
+        h0_grad = lambda w_head, g_last: _companion_h0_grad(c, w_head, to_seed(g_last).flip(-1), T)  # noqa: E731
+        with _backward_seed(ctx, gs, to_seed, h0_grad) as (seed, gs_total):
+            w = _hist_core(b.flip(1).flip(-1), gy.flip(1), seed, ctx.C, None).flip(1)  # (B, T, N)
         da = dh0 = None
         if ctx.needs_input_grad[0]:
             hist = _history(y, h0, m)  # time t-1-k sits at index t + m - 1 - k
@@ -492,13 +569,21 @@ class _CompanionFn(torch.autograd.Function):
                 da = da * q[:, :T, None, 1:]
             da = da.to(a.dtype)
         if h0 is not None and ctx.needs_input_grad[2]:
-            wext = torch.cat([w, w.new_ones(B, 1, N)], 1)
-            dh0 = torch.zeros(B, N, m, dtype=dt, device=y.device)
-            for i in range(min(m, T + 1)):  # y_{-1-j} feeds y_i through c_i[i+j]
-                dh0[..., :m - i] += c[:, i, :, i:] * wext[:, i, :, None]
-            dh0 = dh0.to(h0.dtype)
+            dh0 = h0_grad(w[:, :m].movedim(1, -1), gs_total[0]).to(h0.dtype)
         dx = w.to(ctx.x_dtype) if ctx.needs_input_grad[1] else None
         return da, dx, dh0, None, None
+
+
+def _companion_h0_grad(c: Tensor, w_head: Tensor, gs_masked: Tensor, T: int) -> Tensor:
+    """dL/dh0 of a forward companion scan: y_{-1-j} feeds y_i through c_i[i+j] (w_head[..., i] =
+    the adjoint w_i, i < min(m, T)), and for T < m sits in s_last itself (gs_masked, masked dL/ds_last)."""
+    B, _, N, m = c.shape
+    dh0 = torch.zeros(B, N, m, dtype=c.dtype, device=c.device)
+    for i in range(min(m, T)):
+        dh0[..., :m - i] += c[:, i, :, i:] * w_head[..., i, None]
+    if T < m:
+        dh0[..., :m - T] += gs_masked[..., T:]
+    return dh0
 
 
 def companion_scan_chunked(a: Tensor, x: Tensor, h0: Optional[Tensor] = None, reverse: bool = False,

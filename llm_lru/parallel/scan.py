@@ -103,6 +103,7 @@ class _Slice:
     def __init__(self, inner: ScanOp, reverse: bool, reset: Optional[Tensor], keep: bool):
         self.inner, self.reverse, self.reset, self.keep = inner, reverse, reset, keep
         self.c: Optional[Tensor] = None
+        self.deferral = None
 
     def run(self, trans: Tensor, u: Tensor, c: Optional[Tensor], c_grad: bool, build: bool,
             resolve: Optional[Callable] = None) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
@@ -128,21 +129,34 @@ class _Slice:
         if resolve is None:
             yield
             return
-        with deferred_state(c, resolve) as consumed:
-            yield
-            if not consumed():
+        with deferred_state(c, resolve) as deferral:
+            yield deferral
+            if not deferral.consumed:
                 raise RuntimeError(f"{self.inner!r} says it defers its initial state but never asked for it")
 
     def _build(self, trans: Tensor, u: Tensor, c: Optional[Tensor], resolve: Optional[Callable] = None) -> None:
         self.trans = trans.detach().requires_grad_(trans.requires_grad)
         self.u = u.detach().requires_grad_(u.requires_grad)
         self.c = None if c is None else c.detach().requires_grad_(self.c_grad)
-        with torch.enable_grad(), self._deferring(self.c, resolve):
+        with torch.enable_grad(), self._deferring(self.c, resolve) as deferral:
             self.h, self.h_last = self.inner(self.trans, self.u, self.c, self.reverse, self.reset)
+        self.deferral = deferral  # its `seed` defers backward's dL/dh_last the same way
 
     def rebuild(self, trans: Tensor, u: Tensor, c: Optional[Tensor]) -> None:
         if not self.keep:
-            self._build(trans, u, c)
+            defer = c is not None and self.inner.defers_state(trans, u)
+            self._build(trans, u, c, (lambda slice_map: c) if defer else None)
+
+    def vjp_deferred(self, g_h: Tensor, seed: Callable) -> dict:
+        """vjp of h alone, dL/dh_last coming from seed(h0_grad_of) once the backward scan's
+        carry-free pass is done (see chunked.Deferral); seed runs exactly once, also when there is
+        nothing to differentiate (it may hold a collective)."""
+        self.deferral.seed = seed
+        part = self.vjp([self.h], [g_h], with_c=True, retain=False)
+        if self.deferral.seed is not None:
+            self.deferral.seed = None
+            seed(lambda extra: torch.zeros_like(self.h_last))
+        return part
 
     def leaves(self, with_c: bool) -> List[Tensor]:
         xs = [self.trans, self.u] + ([self.c] if with_c and self.c is not None else [])
@@ -285,32 +299,41 @@ class _AllGatherScan(torch.autograd.Function):
         K = len(ctx.Ps)
         g_h = torch.zeros_like(sl.h) if g_h is None else g_h
         zero_state = torch.zeros(ctx.state_shape, dtype=dt, device=g_h.device)
-        part1, a = {}, zero_state
-        if k > 0:  # a_k: the gradient at c_k from this slice's own outputs
-            part1 = sl.vjp([sl.h], [g_h], with_c=True, retain=True)
-            a = part1.pop(id(sl.c), zero_state).to(dt)
-        if ctx.final_state:
-            g_final = zero_state if g_final is None else g_final.to(dt)
-            got = all_gather(torch.cat([a.reshape(-1), g_final.reshape(-1)]), ctx.group)
-            As, Gs = _unpack(got, [a.shape, a.shape], K, ctx.reverse)
-            delta = sum(Gs[1:], Gs[0])  # the final state's gradient, summed over every rank's use of it
-        else:
-            As = _unpack(all_gather(a, ctx.group).view(K, -1), [a.shape], K, ctx.reverse)[0]
-            delta = zero_state
-        for j in range(K - 1, k, -1):  # gradient leaving slice j toward slice j - 1
-            delta = ctx.keeps[j - 1] * (As[j] + apply_transposed(ctx.inner, ctx.Ps[j], delta))
-        delta = delta.to(sl.h_last.dtype)
+
+        def gather(a):  # a_k: the gradient at c_k from this slice's own outputs -> dL/dh_last of this slice
+            if ctx.final_state:
+                g_fin = zero_state if g_final is None else g_final.to(dt)
+                got = all_gather(torch.cat([a.reshape(-1), g_fin.reshape(-1)]), ctx.group)
+                As, Gs = _unpack(got, [a.shape, a.shape], K, ctx.reverse)
+                delta = sum(Gs[1:], Gs[0])  # the final state's gradient, summed over every rank's use of it
+            else:
+                As = _unpack(all_gather(a, ctx.group).view(K, -1), [a.shape], K, ctx.reverse)[0]
+                delta = zero_state
+            for j in range(K - 1, k, -1):  # gradient leaving slice j toward slice j - 1
+                delta = ctx.keeps[j - 1] * (As[j] + apply_transposed(ctx.inner, ctx.Ps[j], delta))
+            return delta.to(sl.h_last.dtype)
+
         g_h0 = None
-        if k == 0:
-            part = sl.vjp([sl.h, sl.h_last], [g_h, delta], with_c=True, retain=False)
+        if sl.deferral is not None:  # one backward scan: a_k, the gather, the rest
+            def seed(h0_grad_of):
+                return gather(h0_grad_of(torch.zeros_like(sl.h_last)).to(dt) if k > 0 else zero_state)
+            part = sl.vjp_deferred(g_h, seed)
+            g_c = part.pop(id(sl.c), None) if sl.c is not None else None
+            g_trans, g_u = sl.input_grads(part)
+            if k == 0 and sl.c.requires_grad:
+                g_h0 = (g_c if g_c is not None else torch.zeros_like(sl.c)).to(ctx.h0_like.dtype)
+        elif k == 0:
+            part = sl.vjp([sl.h, sl.h_last], [g_h, gather(zero_state)], with_c=True, retain=False)
             if sl.c is not None and sl.c.requires_grad:
                 g_h0 = part.pop(id(sl.c), torch.zeros_like(sl.c)).to(ctx.h0_like.dtype)
             g_trans, g_u = sl.input_grads(part)
         else:
+            part1 = sl.vjp([sl.h], [g_h], with_c=True, retain=True)
+            delta = gather(part1.pop(id(sl.c), zero_state).to(dt))
             part2 = sl.vjp([sl.h_last], [delta], with_c=False, retain=False) if bool(delta.any()) else {}
             g_trans, g_u = sl.input_grads(part1, part2)
-            if ctx.h0_like is not None and ctx.h0_like.requires_grad:
-                g_h0 = torch.zeros_like(ctx.h0_like)  # only the owner's h0 enters the sequence
+        if k > 0 and ctx.h0_like is not None and ctx.h0_like.requires_grad:
+            g_h0 = torch.zeros_like(ctx.h0_like)  # only the owner's h0 enters the sequence
         ctx.sl = None
         return None, None, None, None, None, None, None, g_trans, g_u, g_h0
 
@@ -360,15 +383,27 @@ class _RingScan(torch.autograd.Function):
         total = None
         if ctx.final_state:  # every rank's use of the final state (a collective: all ranks)
             total = all_reduce(torch.zeros_like(sl.h_last) if g_final is None else g_final, ctx.group)
-        if k == K - 1:
-            delta = total if total is not None else torch.zeros_like(sl.h_last)
+
+        def delta_in():  # dL/dh_last of this slice: from the next rank, or the sequence's final state
+            if k == K - 1:
+                return total if total is not None else torch.zeros_like(sl.h_last)
+            return ctx.keep * recv(sl.h_last, ctx.nxt, ctx.group)
+
+        if sl.deferral is not None:  # recv after the backward scan's carry-free pass, send before its gradients
+            def seed(h0_grad_of):
+                delta = delta_in().to(sl.h_last.dtype)
+                if k > 0:
+                    send_async(h0_grad_of(delta), ctx.prev, ctx.group)
+                return delta
+            part = sl.vjp_deferred(g_h, seed)
+            g_c = part.pop(id(sl.c), None) if sl.c is not None else None
         else:
-            delta = ctx.keep * recv(sl.h_last, ctx.nxt, ctx.group)
-        part = sl.vjp([sl.h, sl.h_last], [g_h, delta.to(sl.h_last.dtype)], with_c=True, retain=False)
-        g_c = part.pop(id(sl.c), None) if sl.c is not None else None
+            part = sl.vjp([sl.h, sl.h_last], [g_h, delta_in().to(sl.h_last.dtype)], with_c=True, retain=False)
+            g_c = part.pop(id(sl.c), None) if sl.c is not None else None
+            if k > 0:
+                send_async(g_c if g_c is not None else torch.zeros_like(sl.c), ctx.prev, ctx.group)
         g_h0 = None
         if k > 0:
-            send_async(g_c if g_c is not None else torch.zeros_like(sl.c), ctx.prev, ctx.group)
             torch.autograd.Variable._execution_engine.queue_callback(wait_sends)  # done by backward's end
             if ctx.h0_like is not None and ctx.h0_like.requires_grad:
                 g_h0 = torch.zeros_like(ctx.h0_like)
