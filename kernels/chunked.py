@@ -643,10 +643,11 @@ def companion_product_chunked(a: Tensor, reverse: bool = False, reset: Optional[
 
 
 # ----------------------------------------------------------------------------------------------
-# Slice carries for sequence parallelism: (P, s) with h_last(h0) = P h0 + s in one pass.
-# Values only (no autograd): sequence parallelism calls them under no_grad and differentiates the
-# rescan from the folded carry instead. Pass 1 of the chunked scans, keeping only the current step
-# (never the per-step states), then a fold of the chunk maps [P | s] in scan order.
+# Slice carries: (P, s) with h_last(h0) = P h0 + s in one pass (`ScanOp.carry`). Values only (no
+# autograd). Sequence parallelism takes (P, s) from a deferred scan's own pass 1 instead
+# (deferred_state); these serve the route of ops that read h0 first and callers that want the map
+# alone. Pass 1 of the chunked scans, keeping only the current step (never the per-step states),
+# then a fold of the chunk maps [P | s] in scan order.
 
 def _fold_maps(E: Tensor, chunks) -> Tensor:
     """E: (nc, R, m, m+1) chunk maps [P | s] -> the whole slice's [P | s] (R, m, m+1), along `chunks`."""

@@ -11,25 +11,30 @@ counts. With c_k the state entering slice k (scan order) and d_k the state leavi
                                   previous document is dropped; forward resets are inside P_k)
     returned h_last = d_{K-1}     the whole sequence's final state, the same on every rank
 
-carry="allgather" (LASP-2 style): every rank scans its slice from zero (s_k) and computes P_k
-in fp32 (in one pass if the op offers `carry(trans, u, reverse, reset) -> (P, s)`); ONE
-all-gather of (P_k, s_k, keep_k) lets every rank fold its c_k, and the slice is rescanned from
-c_k. Backward mirrors it: each rank computes a_k = dL/dc_k from its own outputs alone, ONE
-all-gather of (a_k, dL/dh_last) lets every rank fold the gradient that later ranks send to its
-final state, delta_k = keep_k * (a_{k+1} + P_{k+1}^T delta_{k+1}), and the slice's gradients
-are a_k's pass plus a pass with delta_k on h_last (exact, by linearity). The owner of the
-sequence start scans once (from h0) and differentiates once.
+Where the op defers its initial state (`defers_state`: the chunked PyTorch scans, see
+kernels.chunked.deferred_state), a rank never waits for a carry before it scans: its scan runs
+the carry-free pass (every chunk from zero), then asks for its carry with the slice's (P_k, s_k)
+in hand, then writes its states from it. Backward alike: the backward scan's carry-free pass,
+then dL/dh_last, and dL/dc_k handed back from the backward scan's own map before the slice's
+gradients are written. What stays in the critical path per layer is the small fold over chunks.
 
-carry="ring": rank k receives c_k from rank k-1 (blocking recv), scans once, sends c_{k+1};
-the final state is broadcast from the last rank. Backward: the gradient of c travels the other
-way, one send per rank. Fewer flops, but the slices are scanned one after another. Under a graph
-the sends do not wait for the receiver (isend, waited for in backward and at backward's end), so
-a rank runs ahead of the ones it feeds: per step, the pipeline's fill is about one slice scan in
-forward and one in backward (the slowest layer's), not one per layer. The op's stateless work
-(`ScanOp.prepare`: gate normalisation) runs before a rank waits for its carry, and its backward
-after the carry's gradient has been sent, so neither is in the fill.
-With final_state=False the last rank's (P, s) is folded by nobody: under "allgather" it skips
-its carry pass (zeros in the gather), so at sp = 2 only rank 1 waits, as in the ring.
+carry="allgather" (LASP-2 style): ONE all-gather per layer of every rank's (P_k, s_k, keep_k),
+taken inside the scan after its carry-free pass; every rank folds its c_k and finishes its
+scan from it. Backward mirrors it: each rank's a_k = dL/dc_k from its own outputs alone (its
+backward scan's map with a zero seed), ONE all-gather of (a_k, dL/dh_last) lets every rank fold
+the gradient that later ranks send to its final state, delta_k = keep_k * (a_{k+1} + P_{k+1}^T
+delta_{k+1}), and the backward scan finishes from delta_k. Ops that read h0 first (reference,
+Triton) instead compute (P_k, s_k) in a carry pass (`carry(trans, u, reverse, reset)`, one
+pass where offered) and rescan from c_k, and differentiate twice (a_k's pass, then delta_k's);
+with final_state=False the last rank then skips its carry pass (nobody folds its (P, s)).
+
+carry="ring": rank k receives c_k from rank k-1 and sends c_{k+1} = keep_k * (P_k c_k + s_k) on
+as soon as it has it (deferred: before it writes its states; otherwise after its scan); the
+final state is broadcast from the last rank. Backward: the gradient of c travels the other way,
+one send per rank. Under a graph the sends do not wait for the receiver (isend, waited for in
+backward and at backward's end), so a rank runs ahead of the ones it feeds. The op's stateless
+work (`ScanOp.prepare`: gate normalisation) runs before any carry is asked for, and its backward
+after the carry's gradient has been sent.
 
 Gradient convention (both carries): the total loss is the SUM of the ranks' local losses; every
 input's gradient on every rank is exact for that total (h0's gradient lands on its owner, zeros

@@ -230,7 +230,7 @@ def test_folder_code_imports_no_llm_lru(exported):
 
     py = sorted(exported.glob("*.py"))
     assert {imp for p in py for imp in get_imports(p)} <= {"torch", "transformers", "math", "os", "json",
-                                                            "hashlib", "typing", "dataclasses", "__future__"}
+                                                            "hashlib", "typing", "dataclasses", "__future__", "contextlib"}
     reached = {Path(f).name for f in get_relative_import_files(exported / "modeling_llm_lru.py")}
     assert reached | {"modeling_llm_lru.py"} == {p.name for p in py}
 
