@@ -175,8 +175,14 @@ def _resolve(h0: Optional[Tensor], slice_map: SliceMap) -> None:
 
 
 def _once(fn: SliceMap) -> SliceMap:
+    """fn, computed on the first call only (the ring's sender and the backward's h0_grad_of share it)."""
     memo = []
-    return lambda: memo[0] if memo else memo.append(fn()) or memo[0]
+
+    def cached():
+        if not memo:
+            memo.append(fn())
+        return memo[0]
+    return cached
 
 
 def _apply_map(P: Tensor, v: Tensor) -> Tensor:
