@@ -35,7 +35,7 @@ def _variants(full, seed):
         return list(itertools.product((0, 1), (False, True), CARRIES, (True, False)))
     subset = [(0, True, CARRIES[0]), (1, False, CARRIES[1]), (1, True, CARRIES[0]), (1, True, CARRIES[1]),
               (1, True, CARRIES[2 + seed % 2]), (1, True, CARRIES[4 + seed % 2])]
-    return [v + ((i + seed) % 2 == 0,) for i, v in enumerate(subset)]
+    return [v + ((i + seed // 2) % 2 == 0,) for i, v in enumerate(subset)]  # every mode both ways, at every sp
 
 
 def _scan_case(op, name, m, group, k, rank, t_local, seed, full, errors):
