@@ -2,13 +2,13 @@
 
 Only operations that gloo and NCCL both have: all_gather_single and reduce_scatter_single
 (all_gather_into_tensor / reduce_scatter_tensor on older torch), all_reduce, broadcast, blocking
-send / recv, and isend and an async all_gather whose completion is always waited for before the
-step ends (`send_async`, `all_gather_async` / `wait_sends`; FACTS.md: batch_isend_irecv followed by destroy_process_group aborted at exit on
+send / recv, and isend whose completion is always waited for before the step ends (`send_async` /
+`wait_sends`; FACTS.md: batch_isend_irecv followed by destroy_process_group aborted at exit on
 gloo, so it is not used). Group-local ranks everywhere.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -56,7 +56,7 @@ def send(x: Tensor, dst: int, group: Any) -> None:
     dist.send(x.contiguous(), group=group, group_dst=dst)
 
 
-_PENDING: list = []  # (work, tensors) of isends and async gathers not yet waited for; tensors kept alive
+_PENDING: list = []  # (work, tensor) of isends not yet waited for; the tensor stays alive until then
 
 
 def send_async(x: Tensor, dst: int, group: Any) -> None:
@@ -67,25 +67,10 @@ def send_async(x: Tensor, dst: int, group: Any) -> None:
 
 
 def wait_sends() -> None:
-    """Wait for every pending `send_async` and `all_gather_async` of this process."""
+    """Wait for every pending `send_async` of this process."""
     while _PENDING:
         work, _ = _PENDING.pop(0)
         work.wait()
-
-
-def all_gather_async(x: Tensor, group: Any) -> Callable[[], Tensor]:
-    """all_gather without waiting, for a rank that needs the result later or never: returns a
-    function that waits and gives the (K, ...) result. `wait_sends` also completes it."""
-    k = group_size(group)
-    x = x.contiguous()
-    out = x.new_empty(k * x.numel())
-    work = _gather_single(out, x.reshape(-1), group=group, async_op=True)
-    _PENDING.append((work, (x, out)))
-
-    def result() -> Tensor:
-        work.wait()
-        return out.view(k, *x.shape)
-    return result
 
 
 def recv(like: Tensor, src: int, group: Any) -> Tensor:

@@ -23,10 +23,7 @@ taken inside the scan after its carry-free pass; every rank folds its c_k and fi
 scan from it. Backward mirrors it: each rank's a_k = dL/dc_k from its own outputs alone (its
 backward scan's map with a zero seed), ONE all-gather of (a_k, dL/dh_last) lets every rank fold
 the gradient that later ranks send to its final state, delta_k = keep_k * (a_{k+1} + P_{k+1}^T
-delta_{k+1}), and the backward scan finishes from delta_k. In training (final_state=False) a
-rank that needs nothing from a gather (the first slice in forward, the last one in backward)
-leaves it running and goes on, so the ranks are not held in step at every layer (waited for in
-backward and at backward's end). Ops that read h0 first (reference,
+delta_{k+1}), and the backward scan finishes from delta_k. Ops that read h0 first (reference,
 Triton) instead compute (P_k, s_k) in a carry pass (`carry(trans, u, reverse, reset)`, one
 pass where offered) and rescan from c_k, and differentiate twice (a_k's pass, then delta_k's);
 with final_state=False the last rank then skips its carry pass (nobody folds its (P, s)).
@@ -54,8 +51,7 @@ import torch
 from llm_lru.kernels.chunked import deferred_state
 from llm_lru.kernels.ops import ScanOp
 
-from .comm import (all_gather, all_gather_async, all_reduce, broadcast, group_rank, group_size, recv, send, send_async,
-                   wait_sends)
+from .comm import all_gather, all_reduce, broadcast, group_rank, group_size, recv, send, send_async, wait_sends
 
 Tensor = torch.Tensor
 CARRIES = ("allgather", "ring")
@@ -231,21 +227,14 @@ def _restore(ctx, sl: _Slice) -> None:
         sl.rebuild(*ctx.saved_tensors)
 
 
-def _gather_fold(inner: ScanOp, group, reverse: bool, reset, P: Tensor, s: Tensor, wait: bool = True):
-    """ONE all-gather of every slice's (P, s, keep) -> (Ps, keeps, carries, final state), scan order.
-    wait=False: a function that waits for the gather and folds (for a rank that needs it later)."""
+def _gather_fold(inner: ScanOp, group, reverse: bool, reset, P: Tensor, s: Tensor):
+    """ONE all-gather of every slice's (P, s, keep) -> (Ps, keeps, carries, final state), scan order."""
     dt = _carry_dtype(P, s)
     keep_k = _keep(reset, reverse, s, dt)
-    packed = torch.cat([P.reshape(-1).to(dt), s.reshape(-1).to(dt), keep_k.reshape(-1)])
-
-    def fold(got):
-        Ps, Ss, keeps = _unpack(got, [P.shape, s.shape, keep_k.shape], group_size(group), reverse)
-        cs, final = _fold(inner, Ps, Ss, keeps)
-        return Ps, keeps, cs, final
-    if wait:
-        return fold(all_gather(packed, group))
-    result = all_gather_async(packed, group)
-    return lambda: fold(result())
+    got = all_gather(torch.cat([P.reshape(-1).to(dt), s.reshape(-1).to(dt), keep_k.reshape(-1)]), group)
+    Ps, Ss, keeps = _unpack(got, [P.shape, s.shape, keep_k.shape], group_size(group), reverse)
+    cs, final = _fold(inner, Ps, Ss, keeps)
+    return Ps, keeps, cs, final
 
 
 def _allgather_two_pass(sl: "_Slice", inner: ScanOp, group, reverse: bool, reset, build: bool, final_state: bool,
@@ -290,26 +279,18 @@ class _AllGatherScan(torch.autograd.Function):
                 P, s = slice_map()
                 if k == 0 and h0 is not None:  # the owner's slice starts from h0
                     s = inner.apply(P, h0.to(P.dtype)) + s
-                ex["dt"] = _carry_dtype(P, s)
-                if k == 0 and build and not final_state:
-                    # Rank 0 needs nothing from the gather until backward: it does not wait for the
-                    # other ranks at every layer, it runs ahead of them (as in the ring).
-                    ex["later"] = _gather_fold(inner, group, reverse, reset, P, s, wait=False)
-                    return (h0 if h0 is not None else torch.zeros_like(like)).to(like.dtype)
                 ex["Ps"], ex["keeps"], cs, ex["final"] = _gather_fold(inner, group, reverse, reset, P, s)
                 c = cs[k] if k > 0 else (h0 if h0 is not None else torch.zeros_like(like))
                 return c.to(like.dtype)
 
             h, d, c = sl.run(trans, u, like, k > 0 or (h0 is not None and h0.requires_grad), build, resolve)
-            ctx.later = ex.get("later")
-            Ps, keeps, final, dt = ex.get("Ps"), ex.get("keeps"), ex.get("final"), ex["dt"]
+            Ps, keeps, final = ex["Ps"], ex["keeps"], ex["final"]
         else:
             h, d, c, Ps, keeps, final = _allgather_two_pass(sl, inner, group, reverse, reset, build, final_state,
                                                             trans, u, h0, k, K)
-            ctx.later, dt = None, final.dtype
         _save(ctx, sl, build, trans, u, c)
         ctx.inner, ctx.group, ctx.reverse, ctx.k = inner, group, reverse, k
-        ctx.sl, ctx.Ps, ctx.keeps, ctx.state_shape, ctx.dt, ctx.K = sl, Ps, keeps, d.shape, dt, K
+        ctx.sl, ctx.Ps, ctx.keeps, ctx.state_shape, ctx.dt = sl, Ps, keeps, d.shape, final.dtype
         ctx.h0_like, ctx.final_state = h0, final_state
         if not final_state:  # this slice's own final state, no gradient
             ctx.mark_non_differentiable(d)
@@ -318,11 +299,9 @@ class _AllGatherScan(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_h, g_final):
-        sl, k, dt, K = ctx.sl, ctx.k, ctx.dt, ctx.K
-        if ctx.later is not None:  # the forward's gather, left running (rank 0, training)
-            ctx.Ps, ctx.keeps = ctx.later()[:2]
-            wait_sends()
+        sl, k, dt = ctx.sl, ctx.k, ctx.dt
         _restore(ctx, sl)
+        K = len(ctx.Ps)
         g_h = torch.zeros_like(sl.h) if g_h is None else g_h
         zero_state = torch.zeros(ctx.state_shape, dtype=dt, device=g_h.device)
 
@@ -342,12 +321,7 @@ class _AllGatherScan(torch.autograd.Function):
         g_h0 = None
         if sl.deferral is not None:  # one backward scan: a_k, the gather, the rest
             def seed(h0_grad_of):
-                a = h0_grad_of(torch.zeros_like(sl.h_last)).to(dt) if k > 0 else zero_state
-                if k == K - 1 and not ctx.final_state:  # nothing comes back to the last slice: do not wait
-                    all_gather_async(a, ctx.group)
-                    torch.autograd.Variable._execution_engine.queue_callback(wait_sends)  # done by backward's end
-                    return torch.zeros_like(sl.h_last)
-                return gather(a)
+                return gather(h0_grad_of(torch.zeros_like(sl.h_last)).to(dt) if k > 0 else zero_state)
             part = sl.vjp_deferred(g_h, seed)
             g_c = part.pop(id(sl.c), None) if sl.c is not None else None
             g_trans, g_u = sl.input_grads(part)

@@ -37,25 +37,3 @@ def test_gather_autograd_and_reduce_scatter_match_one_process(k):
         torch.testing.assert_close(got, pieces, rtol=0, atol=0)
         torch.testing.assert_close(grad, x.grad[rank], rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(scattered, rows_sum[rank], rtol=0, atol=0)
-
-
-def _async_gather_worker(rank: int, world_size: int, k: int):
-    from llm_lru.parallel import comm
-    pieces = _pieces(k)
-    first = comm.all_gather_async(pieces[rank], dist.group.WORLD)        # left running
-    second = comm.all_gather_async(pieces[rank] * 2, dist.group.WORLD)   # a second one behind it
-    blocking = comm.all_gather(pieces[rank] * 3, dist.group.WORLD)      # a blocking one after both
-    pending = len(comm._PENDING)
-    comm.wait_sends()
-    return first(), second(), blocking, pending, len(comm._PENDING)
-
-
-def test_async_gather_matches_and_is_waited_for():
-    """all_gather_async gives what a blocking all_gather gives, in issue order with other
-    collectives, and wait_sends completes and forgets it."""
-    pieces = _pieces(3)
-    for first, second, blocking, pending, left in run_world(_async_gather_worker, 3, 3):
-        torch.testing.assert_close(first, pieces, rtol=0, atol=0)
-        torch.testing.assert_close(second, pieces * 2, rtol=0, atol=0)
-        torch.testing.assert_close(blocking, pieces * 3, rtol=0, atol=0)
-        assert (pending, left) == (2, 0)
