@@ -103,11 +103,7 @@ def _worker(rank, world, cfg_kw, tokens, steps, carry, recompute, final_state):
     independent = carry == "independent"  # the machine's ceiling: no SP, no exchange, same slice sizes
     if not independent:
         model = parallelize(model, mesh, carry, final_state=final_state, recompute=recompute)
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, cfg_kw["vocab_size"], (1, tokens), generator=g)
-    labels = torch.randint(0, cfg_kw["vocab_size"], (1, tokens), generator=g)
-    docs = torch.rand(1, tokens, generator=g) < 1 / 2048  # a few documents, some across ranks
-    docs[:, 0] = True
+    ids, labels, docs = batch(cfg_kw, tokens)
     t_local = mesh.check_length(tokens, "--tokens")
     ids, labels, docs = mesh.local_slice(ids), mesh.local_slice(labels), mesh.local_slice(docs)
 
@@ -239,13 +235,33 @@ def write(rows, meta, name="sp"):
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_model_args(ap: argparse.ArgumentParser) -> None:
+    """--tokens, --pattern, --d-model: the sequence and the tiny model the SP benches train."""
     ap.add_argument("--tokens", type=int, default=16384)
-    ap.add_argument("--sp", default="1,2,4")
-    ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--pattern", default="BHGL")
     ap.add_argument("--d-model", type=int, default=64)
+
+
+def batch(cfg_kw: dict, tokens: int):
+    """(ids, labels, doc starts) of one sequence, the same on every rank: a few documents, some across ranks."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, cfg_kw["vocab_size"], (1, tokens), generator=g)
+    labels = torch.randint(0, cfg_kw["vocab_size"], (1, tokens), generator=g)
+    docs = torch.rand(1, tokens, generator=g) < 1 / 2048
+    docs[:, 0] = True
+    return ids, labels, docs
+
+
+def model_config(args) -> dict:
+    return dict(vocab_size=256, d_model=args.d_model, n_layers=len(args.pattern), pattern=args.pattern,
+                block_size=4, n_heads=4)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_model_args(ap)
+    ap.add_argument("--sp", default="1,2,4")
+    ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--modes", default=",".join(MODES), help="which rows per sp > 1, of: " + ",".join(MODES))
     ap.add_argument("--name", default="sp", help="results file stem under bench/results/")
     ap.add_argument("--rounds", type=int, default=3, help="run every variant this many times, in rounds")
@@ -254,8 +270,7 @@ def main(argv=None) -> int:
     unknown = [m for m in mode_names if m not in MODES]
     if unknown:
         ap.error(f"--modes: unknown {unknown}; choose from {list(MODES)}")
-    cfg_kw = dict(vocab_size=256, d_model=args.d_model, n_layers=len(args.pattern), pattern=args.pattern,
-                  block_size=4, n_heads=4)
+    cfg_kw = model_config(args)
     sps = [int(s) for s in args.sp.split(",")]
     rows = run(args.tokens, sps, args.steps, cfg_kw, mode_names, args.rounds)
     load = os.getloadavg()

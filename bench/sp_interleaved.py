@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from sp import add_model_args, batch, model_config  # noqa: E402  (bench/ is on sys.path when run as a script)
 from tests.distributed import run_world  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -53,11 +54,7 @@ def _worker(rank, world, cfg_kw, tokens, cycles):
     models = {"sp1": fresh(), "independent": fresh(),
               "ring": parallelize(fresh(), mesh, "ring", final_state=False),
               "allgather": parallelize(fresh(), mesh, "allgather", final_state=False)}
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, cfg_kw["vocab_size"], (1, tokens), generator=g)
-    labels = torch.randint(0, cfg_kw["vocab_size"], (1, tokens), generator=g)
-    docs = torch.rand(1, tokens, generator=g) < 1 / 2048  # a few documents, some across ranks
-    docs[:, 0] = True
+    ids, labels, docs = batch(cfg_kw, tokens)
     t_local = mesh.check_length(tokens, "--tokens")
     local = [mesh.local_slice(x) for x in (ids, labels, docs)]
     ce = torch.nn.functional.cross_entropy
@@ -132,19 +129,16 @@ def write(out: dict, meta: dict, name: str) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tokens", type=int, default=16384)
+    add_model_args(ap)
     ap.add_argument("--sp", type=int, default=2)
     ap.add_argument("--cycles", type=int, default=15)
-    ap.add_argument("--pattern", default="BHGL")
-    ap.add_argument("--d-model", type=int, default=64)
     ap.add_argument("--name", default="sp_interleaved", help="results file stem under bench/results/")
     args = ap.parse_args(argv)
     if args.sp < 2:
         ap.error("--sp: at least 2 (sp1 is the baseline every cycle)")
     if args.cycles < 2:
         ap.error("--cycles: at least 2")
-    cfg_kw = dict(vocab_size=256, d_model=args.d_model, n_layers=len(args.pattern), pattern=args.pattern,
-                  block_size=4, n_heads=4)
+    cfg_kw = model_config(args)
     out = run(args.tokens, args.sp, args.cycles, cfg_kw)
     load = os.getloadavg()
     meta = dict(tokens=args.tokens, sp=args.sp, cycles=args.cycles, model=cfg_kw, cpus=os.cpu_count(),
