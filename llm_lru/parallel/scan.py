@@ -185,6 +185,12 @@ class _Slice:
         return out[0], out[1]
 
 
+def _state_like(inner: ScanOp, trans: Tensor, u: Tensor, reverse: bool) -> Tensor:
+    """A state of the slice's shape and dtype, from a one-step probe scan."""
+    with torch.no_grad():
+        return inner(trans[:, :1], u[:, :1], None, reverse, None)[1]
+
+
 def _slice_carry(inner: ScanOp, trans: Tensor, u: Tensor, reverse: bool, reset) -> Tuple[Tensor, Tensor]:
     """(P, s) of the slice: h_last(c) = P c + s. One pass when the op offers `carry` (e.g. a
     kernel that writes no states); else its scan from zero and its product."""
@@ -252,7 +258,7 @@ def _allgather_two_pass(sl: "_Slice", inner: ScanOp, group, reverse: bool, reset
         # skip its carry pass and send zeros of the right shapes (one-step probes).
         with torch.no_grad():
             P = torch.zeros_like(inner.product(trans[:, :1], reverse, None))
-            s = torch.zeros_like(inner(trans[:, :1], u[:, :1], None, reverse, None)[1])
+            s = torch.zeros_like(_state_like(inner, trans, u, reverse))
     else:
         with torch.no_grad():
             P, s = _slice_carry(inner, trans, u, reverse, reset)
@@ -271,8 +277,7 @@ class _AllGatherScan(torch.autograd.Function):
         sl = _Slice(inner, reverse, reset, keep)
         if inner.defers_state(trans, u):
             # One scan per rank: its carry-free pass, then the gather (inside the scan), then its states.
-            with torch.no_grad():  # the state's shape and dtype, from a one-step probe
-                _, like = inner(trans[:, :1], u[:, :1], None, reverse, None)
+            like = _state_like(inner, trans, u, reverse)
             ex = {}
 
             def resolve(slice_map):
@@ -350,8 +355,7 @@ class _RingScan(torch.autograd.Function):
         k = _order(r, K, reverse)
         prev, nxt, last = _order(k - 1, K, reverse), _order(k + 1, K, reverse), _order(K - 1, K, reverse)
         sl = _Slice(inner, reverse, reset, keep)
-        with torch.no_grad():  # the state's shape and dtype, from a one-step probe
-            _, like = inner(trans[:, :1], u[:, :1], None, reverse, None)
+        like = _state_like(inner, trans, u, reverse)
         keep_k = _keep(reset, reverse, like, like.dtype)
         send_on = send_async if build else send  # with a graph, do not idle until the next rank posts its recv
         c_grad = k > 0 or (h0 is not None and h0.requires_grad)
