@@ -37,7 +37,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     p.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)), help="reader/tokenizer processes")
-    p.add_argument("--val-fraction", type=float, default=0.0, help="fraction of documents for the val split")
+    p.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION,
+                   help="fraction of documents for the val split (at least one sample while the corpus "
+                        "has two; 0: no val split)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
     p.add_argument("--max-bytes", type=parse_size, default=0, help="cap the input (e.g. 4M) for quick runs")
     p.add_argument("--text-field", default="text", help="jsonl field / parquet column holding the text")
@@ -45,6 +47,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--bpe-train-bytes", type=parse_size, default=256 << 20, help="text used to train bpe:N")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
+
+
+# A first `prep` then `train` should validate out of the box: a small held-out split by default.
+DEFAULT_VAL_FRACTION = 0.005
 
 
 def main(argv: Optional[List[str]] = None) -> int:

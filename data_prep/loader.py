@@ -328,6 +328,25 @@ class Loader:
         self.step = int(d["step"])
 
 
+def _manifest(key: str, folder: str) -> Dict[str, Any]:
+    try:
+        return read_manifest(folder)
+    except ValueError as e:
+        raise ValueError(f"{key}: {e}") from None
+
+
+def has_val_split(run_cfg) -> bool:
+    """Whether validation data exists: generated sources always, shards when data.val_path is
+    set (a missing one is an error that names it) or data.path's manifest has a 'val' split."""
+    d = run_cfg.data
+    if d.source != "shards":
+        return True
+    if d.val_path:
+        _manifest("data.val_path", d.val_path)
+        return True
+    return "val" in _manifest("data.path", d.path)["splits"]
+
+
 def build_loader(run_cfg, split: str = "train", dp_rank: int = 0, dp_size: int = 1, sp_rank: int = 0,
                  sp_size: int = 1, batch_size: Optional[int] = None) -> Loader:
     """The loader of one DP rank for `split` ("train" | "val"); see the module docstring.
@@ -358,7 +377,7 @@ def build_loader(run_cfg, split: str = "train", dp_rank: int = 0, dp_size: int =
         key, folder = "data.val_path", d.val_path
     if not folder:
         raise ValueError(f"{key}: required for data.source=shards")
-    m = read_manifest(folder)
+    m = _manifest(key, folder)
     want = split if split in m["splits"] else None
     if split == "val" and want is None and key == "data.val_path":
         want = "train"          # a separate prep folder used whole as validation data

@@ -6,6 +6,8 @@ the same order whatever the worker count, and the shards are byte-identical for 
 and seed. Shard writes (tar + sha256, the costly part at short seq_len) go to the same pool.
 Documents are joined as `doc EOS doc EOS ...` and cut into non-overlapping samples of
 seq_len + 1 tokens; a trailing remainder shorter than a sample is dropped (and counted).
+Documents go to the val split by a stable hash at `val_fraction`; when that picks none (a tiny
+corpus), the last train sample becomes the val split, so val_fraction > 0 always yields one.
 
 Resume: after a task that completed a shard (at most every SAVE_EVERY_S), the samples not yet in
 a finished shard go to `.prep_pending-N.npz` and the position to `.prep_state.json`; a rerun of
@@ -174,15 +176,23 @@ class SplitWriter:
             self._st.append(starts)
             self.pending += len(tokens)
         n = 0
-        if self.pending >= self.shard_size:
+        # Strictly more than a shard: the last sample stays pending until flush, so that
+        # `take_last` can always move one (the bytes of every shard are unchanged).
+        if self.pending > self.shard_size:
             toks, sts = self._blocks()
-            while len(toks) >= self.shard_size:
+            while len(toks) > self.shard_size:
                 self._write(toks[: self.shard_size], sts[: self.shard_size])
                 toks, sts = toks[self.shard_size:], sts[self.shard_size:]
                 n += 1
             self._tok, self._st, self.pending = [toks], [sts], len(toks)
         self.collect()
         return n
+
+    def take_last(self) -> Tuple[np.ndarray, np.ndarray]:
+        """Remove and return the last pending sample ((1, L+1) tokens and starts)."""
+        toks, sts = self._blocks()
+        self._tok, self._st, self.pending = [toks[:-1]], [sts[:-1]], len(toks) - 1
+        return toks[-1:], sts[-1:]
 
     def flush(self) -> None:
         """Hand out the last, partial shard and wait for every write."""
@@ -384,6 +394,10 @@ def _run(cfg: PrepConfig, conf: Dict[str, Any], out: Path, tasks: List[corpus.Ta
             if index + 1 < len(tasks) and finished > saved_shards and time.monotonic() - last_save > SAVE_EVERY_S:
                 _save_state(out, conf, command, tok_rec, index + 1, stats, packers, writers, pending_n)
                 pending_n, saved_shards, last_save = pending_n + 1, finished, time.monotonic()
+        if cfg.val_fraction > 0 and writers["val"].next_index + writers["val"].pending == 0 \
+                and writers["train"].next_index + writers["train"].pending > 1:
+            # Too few documents for the hash to pick one: the last train sample becomes the val split.
+            writers["val"].add(*writers["train"].take_last())
         for w in writers.values():
             w.flush()
     finally:

@@ -57,6 +57,13 @@ def make_loader(cfg: RunConfig, split: str, dp_rank: int, dp_size: int, sp_rank:
                         sp_size=sp_size, batch_size=batch_size)
 
 
+def has_validation_data(cfg: RunConfig) -> bool:
+    """Whether make_loader(cfg, "val", ...) has data to read (a missing data.val_path raises)."""
+    from llm_lru.data_prep.loader import has_val_split
+
+    return has_val_split(cfg)
+
+
 # --- the loop ------------------------------------------------------------------------------
 
 def _next(it_holder: List[Iterator], loader) -> Dict[str, torch.Tensor]:
@@ -213,7 +220,10 @@ def train(cfg: RunConfig) -> Dict[str, Any]:
 
     loader = make_loader(cfg, "train", mesh.dp_rank, dp, mesh.sp_rank, sp, micro)
     # Built now so that a missing validation split stops the run before its first step.
-    val_loader = make_loader(cfg, "val", mesh.dp_rank, dp, mesh.sp_rank, sp, micro) if cfg.train.val_every else None
+    # No validation data at all (a prep with --val-fraction 0, no data.val_path): validation off,
+    # said once below, rather than a run that cannot start.
+    validate_data = bool(cfg.train.val_every) and has_validation_data(cfg)
+    val_loader = make_loader(cfg, "val", mesh.dp_rank, dp, mesh.sp_rank, sp, micro) if validate_data else None
     state = TrainState()
     ckpt = resume_path(cfg)
     if ckpt is not None:
@@ -221,6 +231,9 @@ def train(cfg: RunConfig) -> Dict[str, Any]:
     mon = Monitor(cfg, run_dir, state.step, enabled=rank == 0)
     if ckpt is not None:
         mon.message(f"resumed from {ckpt} at step {state.step}")
+    if cfg.train.val_every and val_loader is None:
+        mon.message(f"warning: {cfg.data.path} has no 'val' split and data.val_path is not set: "
+                    "validation is off (train.val_every ignored)")
     mon.message(f"world {world} = dp {dp} x sp {sp}, ZeRO-{cfg.deepspeed.zero_stage}, "
                 f"{resolve_precision(cfg.train)}, micro {micro} x accum {gas}, {n_params / 1e6:.2f}M params")
     fpt = flops_per_token(cfg.model, n_params, cfg.train.seq_len)
@@ -263,7 +276,7 @@ def train(cfg: RunConfig) -> Dict[str, Any]:
             rec["memory_gb"] = memory_gb()
             if peak:
                 rec["mfu"] = rec["tokens_per_s"] * fpt / (peak * world)
-            if cfg.train.val_every and state.step % cfg.train.val_every == 0:
+            if val_loader is not None and state.step % cfg.train.val_every == 0:
                 rec["val_loss"] = evaluate(engine, val_loader, cfg.train.val_batches, mesh, device)
             mon.log(state.step, rec)
             if state.bad_in_row >= cfg.train.max_bad_steps:

@@ -278,3 +278,16 @@ def test_eval_tasks_resolve_in_a_fresh_process():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "65"
+
+
+def test_has_val_split(stdlib_prep, small_prep, tmp_path):
+    from llm_lru.data_prep.loader import has_val_split
+
+    assert has_val_split(cfg_for(stdlib_prep))
+    assert not has_val_split(cfg_for(small_prep))
+    assert has_val_split(cfg_for(small_prep, val_path=str(small_prep)))
+    missing = tmp_path / "nowhere"
+    with pytest.raises(ValueError, match=r"data\.val_path: .*nowhere"):
+        has_val_split(cfg_for(small_prep, val_path=str(missing)))
+    with pytest.raises(ValueError, match=r"data\.val_path: .*nowhere"):
+        build_loader(cfg_for(small_prep, workers=0, val_path=str(missing)), split="val")

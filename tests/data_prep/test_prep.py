@@ -281,3 +281,30 @@ def test_tokenizer_given_by_path(corpus_dir, tmp_path):
         P.run_prep(P.PrepConfig(inputs=[str(corpus_dir[0])], tokenizer=str(tmp_path / "plain.json"), seq_len=16),
                    tmp_path / "out2", progress=False)
     assert not (tmp_path / "out2").exists()
+
+
+def test_val_split_by_default_holds_at_least_one_sample(corpus_dir, small_prep, tmp_path):
+    """The CLI carves a val split without being asked; on a corpus too small for the hash to pick
+    a document, the last train sample becomes the val split and nothing is lost or duplicated."""
+    out = tmp_path / "default"
+    assert cli_main(["--input", str(corpus_dir[0]), "--tokenizer", "bytes", "--seq-len", "32",
+                     "--shard-size", "10", "--out", str(out), "--workers", "1", "--quiet"]) == 0
+    m = read_manifest(out)
+    assert m["config"]["val_fraction"] == 0.005
+    assert m["splits"]["val"]["samples"] == 1
+    no_val, _ = split_samples(small_prep)   # the same corpus and packing, no val split
+    train, _ = split_samples(out)
+    val, val_starts = split_samples(out, "val")
+    # The hash picked no document here: the val sample is the no-val run's last sample.
+    np.testing.assert_array_equal(np.concatenate([train, val]), no_val)
+    assert val_starts[0].tolist() == split_samples(small_prep)[1][-1].tolist()
+    # Every shard but the last is full, as before (the held-back sample changed no shard's size).
+    sizes = [s["samples"] for s in m["splits"]["train"]["shards"]]
+    assert all(n == 10 for n in sizes[:-1]) and verify(out) == []
+
+
+def test_val_fraction_zero_means_no_val_split(corpus_dir, tmp_path):
+    out = tmp_path / "noval"
+    assert cli_main(["--input", str(corpus_dir[0]), "--tokenizer", "bytes", "--seq-len", "32",
+                     "--out", str(out), "--workers", "1", "--quiet", "--val-fraction", "0"]) == 0
+    assert list(read_manifest(out)["splits"]) == ["train"]

@@ -84,3 +84,12 @@ def test_resume_reproduces_uninterrupted_losses(world):
 
 def test_partial_checkpoint_is_skipped_on_resume(world):
     assert any("step_00000004" in w for w in world["resume_warnings"]), world["resume_warnings"]
+
+
+def test_training_without_validation_data_runs_with_validation_off(tmp_path):
+    from tests.train.worlds import no_val_run
+
+    got = run_world(no_val_run, 1, str(tmp_path), timeout=300)[0]
+    assert [m["step"] for m in got["metrics"]] == [1, 2, 3, 4]
+    assert not any("val_loss" in m for m in got["metrics"])
+    assert got["printed"].count("has no 'val' split") == 1

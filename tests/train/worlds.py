@@ -181,3 +181,25 @@ def single_runs(rank, world, root):
 
     trainer.train(tiny_cfg(Path(root) / "single", train={"micro_batch_size": 2, "val_every": 2}))
     return {"single": {"metrics": metrics(Path(root) / "single")}}
+
+
+def no_val_run(rank, world, root):
+    """Shards with no 'val' split and train.val_every set: the run trains with validation off and
+    says so once (returns the metrics and what the run printed)."""
+    import contextlib
+    import io
+
+    from llm_lru.data_prep.prep import PrepConfig, run_prep
+    from llm_lru.train import trainer
+
+    root = Path(root)
+    corpus = root / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("one small document of text, " * 40)
+    run_prep(PrepConfig(inputs=[str(corpus)], tokenizer="bytes", seq_len=16, shard_size=50), root / "data",
+             progress=False)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        trainer.train(tiny_cfg(root / "run", model={"vocab_size": 512}, train={"val_every": 2},
+                               data={"source": "shards", "path": str(root / "data"), "num_workers": 0}))
+    return {"metrics": metrics(root / "run"), "printed": printed.getvalue()}
