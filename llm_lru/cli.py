@@ -17,6 +17,7 @@ COMMANDS = {
     "eval": ("llm_lru.eval.cli", "run eval suites on a run, checkpoint or export"),
     "export": ("llm_lru.export.cli", "export a checkpoint to an HF-format folder"),
     "generate": ("llm_lru.export.generate", "stream text from an exported model"),
+    "plan": ("llm_lru.plan", "predict per-GPU memory of a training config and the longest context that fits"),
     "demo": ("llm_lru.demo", "the CPU demo: prep, train, export, generate"),
 }
 
