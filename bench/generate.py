@@ -74,18 +74,18 @@ def worker(pattern: str, lengths: list, new_tokens: int, d_model: int, chunk: in
             prefill = time.perf_counter() - t0
             recs.append({"pattern": pattern, "prompt_tokens": T, "new_tokens": new_tokens,
                          "prefill_s": round(prefill, 3), "prefill_tok_s": round(T / prefill, 1),
-                         "cache_bytes": out.past_key_values.nbytes(), "rss_before_prefill_mb": round(rss_before, 1),
+                         "cache_bytes": out.cache.nbytes(), "rss_before_prefill_mb": round(rss_before, 1),
                          "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                          "params": model.model.num_params()})
-            caches.append(out.past_key_values)
+            caches.append(out.cache)
             toks.append(out.logits[:, -1].argmax(-1, keepdim=True))
         for i, cache in enumerate(caches):  # one warm-up step each
-            toks[i] = model(toks[i], past_key_values=cache).logits[:, -1].argmax(-1, keepdim=True)
+            toks[i] = model(toks[i], cache=cache).logits[:, -1].argmax(-1, keepdim=True)
         steps = [[] for _ in caches]
         for _ in range(new_tokens):
             for i, cache in enumerate(caches):
                 t0 = time.perf_counter()
-                toks[i] = model(toks[i], past_key_values=cache).logits[:, -1].argmax(-1, keepdim=True)
+                toks[i] = model(toks[i], cache=cache).logits[:, -1].argmax(-1, keepdim=True)
                 steps[i].append(time.perf_counter() - t0)
     for rec, cache, st in zip(recs, caches, steps):
         grown = sum(cache.nbytes().values()) - sum(rec["cache_bytes"].values())

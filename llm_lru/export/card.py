@@ -115,4 +115,9 @@ def model_card(cfg, meta: Dict[str, Any], report, has_tokenizer: bool) -> str:
     lines += ["```", "", "or `llm-lru generate PATH --prompt TEXT`. The modeling code in this folder is a copy of "
               "llm_lru's (no llm_lru install needed); loading checks the weight files against the sha256 "
               "sums in `llm_lru_export.json`.", ""]
+    tf = meta.get("transformers")
+    if tf:
+        lines += [f"Exported with transformers {tf['exported_with']}; its generation cache is verified with "
+                  f"transformers >={tf['supported_min']},<{tf['supported_below']} (loading under another version "
+                  "warns).", ""]
     return "\n".join(lines)

@@ -5,7 +5,8 @@
       model.safetensors                       or model-0000k-of-0000n.safetensors + index.json
       configuration_llm_lru.py, modeling_llm_lru.py, llm_lru_*.py   modeling code (remote_code.py)
       tokenizer.json, tokenizer_config.json   when the run's data manifest names a tokenizer
-      llm_lru_export.json                     source checkpoint, step, tokens, weight sha256s
+      llm_lru_export.json                     source checkpoint, step, tokens, weight sha256s,
+                                              transformers version used and range supported
       README.md                               model card
 
 The model is built from the folder's own code (transformers' remote-code loader), filled with
@@ -34,6 +35,9 @@ METADATA = "llm_lru_export.json"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 AUTO_MAP = {"AutoConfig": "configuration_llm_lru.LLMLRUConfig",
             "AutoModelForCausalLM": "modeling_llm_lru.LLMLRUForCausalLM"}
+# transformers versions the folder's generation cache was verified with: [min, below). Recorded in
+# the folder; loading under another version warns. Widen it only after tests/export pass there.
+TRANSFORMERS_SUPPORTED = ("5.23.0", "5.25.0")
 
 
 def hf_config_dict(model_cfg, specials: Dict[str, Optional[int]]) -> Dict[str, Any]:
@@ -90,6 +94,7 @@ def write_folder(out: Path, model_cfg, sd: Dict[str, torch.Tensor], dtype: str =
                  max_shard_size: str | int = "2GB") -> Dict[str, Any]:
     """Write code, configs, tokenizer and weights of HybridLM(model_cfg) with state dict `sd`
     (HybridLM names) into the existing folder `out`; returns the export metadata so far."""
+    import transformers
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     if tok is not None and tok.vocab_size > model_cfg.vocab_size:
@@ -107,7 +112,9 @@ def write_folder(out: Path, model_cfg, sd: Dict[str, torch.Tensor], dtype: str =
     model.save_pretrained(str(out), max_shard_size=max_shard_size)
     meta = json.loads((out / METADATA).read_text())
     meta.update({"format": FORMAT, "llm_lru_revision": rev, "dtype": dtype, "num_params": model.model.num_params(),
-                 "num_params_no_embedding": model.model.num_params(exclude_embedding=True)})
+                 "num_params_no_embedding": model.model.num_params(exclude_embedding=True),
+                 "transformers": {"exported_with": transformers.__version__, "supported_min": TRANSFORMERS_SUPPORTED[0],
+                                  "supported_below": TRANSFORMERS_SUPPORTED[1]}})
     (out / METADATA).write_text(json.dumps(meta, indent=1))
     return meta
 
