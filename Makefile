@@ -18,7 +18,7 @@ export TOKENIZERS_PARALLELISM ?= false
 # Package folders: adding or removing a module re-links the strict editable install.
 PKG_DIRS := $(shell find llm_lru kernels data_prep eval -type d -not -name __pycache__)
 
-.PHONY: setup lock test test-slow test-latest demo bench clean
+.PHONY: setup lock test test-slow test-latest demo bench clean gpu-wheels
 
 # The locked dependencies, exactly: --no-deps so that nothing outside the lock is pulled in.
 $(VENV)/.deps: $(LOCK)
@@ -71,3 +71,48 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) $(TOOLS) $(LATEST) .torch_extensions runs build
+
+# Wheels for a lent GPU machine (bench/gpu_check.sh; the end of README.md). Its image has no network
+# and its own torch, triton and transformers under Python 3.12: these are what llm_lru needs beyond
+# it, pinned and hash-checked from the lock (fla is not in the lock: the gpu extra). .whl/ holds the
+# cp312 runtime set (one version of each), .whl/build/ setuptools to build llm_lru there, .whl/host/
+# this machine's binary wheels, so that tests/bench/test_gpu_check.py installs the same set here.
+# omegaconf 2.4 vendors its antlr runtime. One GPU call carries 64 MiB, working tree included.
+GPU_WHEELS    := .whl
+GPU_PYTHON    := 3.12
+FLA_VERSION   := 0.6.0
+GPU_PINNED    := webdataset braceexpand omegaconf hjson pydantic pydantic-core annotated-types \
+                 typing-inspection typing-extensions
+GPU_BINARY    := pydantic-core
+GPU_PLATFORMS := --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
+# The lock's entries (pin + hashes) for the packages named in $(1).
+lock_pins = awk -v names=" $(1) " '/^[a-z]/ {split($$1, a, "=="); keep = index(names, " " a[1] " ") > 0} keep' $(LOCK)
+
+$(GPU_WHEELS)/requirements.txt: $(LOCK) Makefile
+	@for n in deepspeed setuptools $(GPU_PINNED); do grep -q "^$$n==" $(LOCK) || \
+	    { echo "gpu-wheels: '$$n' has no pin in $(LOCK)" >&2; exit 1; }; done
+	rm -rf $(GPU_WHEELS).tmp && mkdir -p $(GPU_WHEELS).tmp/build $(GPU_WHEELS).tmp/host
+	$(call lock_pins,deepspeed) > $(GPU_WHEELS).tmp/build/deepspeed.txt
+	$(call lock_pins,setuptools) > $(GPU_WHEELS).tmp/build/setuptools.txt
+	$(call lock_pins,$(GPU_PINNED)) > $(GPU_WHEELS).tmp/build/runtime.txt
+	$(call lock_pins,$(GPU_BINARY)) > $(GPU_WHEELS).tmp/build/host.txt
+	# DeepSpeed ships an sdist: a pure-Python wheel with no ops compiled (they JIT-build where used).
+	DS_BUILD_OPS=0 $(PY) -m pip wheel -q --no-deps --require-hashes -w $(GPU_WHEELS).tmp -r $(GPU_WHEELS).tmp/build/deepspeed.txt
+	$(PY) -m pip download -q --no-deps --require-hashes --only-binary=:all: --python-version $(GPU_PYTHON) \
+	    --implementation cp $(GPU_PLATFORMS) -d $(GPU_WHEELS).tmp -r $(GPU_WHEELS).tmp/build/runtime.txt
+	$(PY) -m pip download -q --no-deps --only-binary=:all: -d $(GPU_WHEELS).tmp \
+	    flash-linear-attention==$(FLA_VERSION) fla-core==$(FLA_VERSION)
+	$(PY) -m pip download -q --no-deps --require-hashes -d $(GPU_WHEELS).tmp/build -r $(GPU_WHEELS).tmp/build/setuptools.txt
+	$(PY) -m pip download -q --no-deps --require-hashes --only-binary=:all: -d $(GPU_WHEELS).tmp/host \
+	    -r $(GPU_WHEELS).tmp/build/host.txt
+	(sed -n 's/^\([a-z][^ ]*==[^ ]*\) .*/\1/p' $(GPU_WHEELS).tmp/build/deepspeed.txt $(GPU_WHEELS).tmp/build/runtime.txt; \
+	    echo flash-linear-attention==$(FLA_VERSION); echo fla-core==$(FLA_VERSION)) > $(GPU_WHEELS).tmp/requirements.txt
+	rm -rf $(GPU_WHEELS) && mv $(GPU_WHEELS).tmp $(GPU_WHEELS)
+
+gpu-wheels: $(GPU_WHEELS)/requirements.txt
+	@wheels=$$(du -sb $(GPU_WHEELS) | cut -f1); \
+	tree=$$(git ls-files -co --exclude-standard -z 2>/dev/null | du -cb --files0-from=- 2>/dev/null | tail -1 | cut -f1); \
+	total=$$((wheels + $${tree:-0})); \
+	echo "gpu-wheels: $(GPU_WHEELS)/ $$((wheels >> 10)) KiB + working tree $$(($${tree:-0} >> 10)) KiB = $$((total >> 20)) MiB of the 64 MiB a GPU call carries"; \
+	if [ $$total -gt 67108864 ]; then \
+	    echo "gpu-wheels: too large: $(GPU_WHEELS)/ and the working tree come to $$total bytes, over the 64 MiB (67108864 bytes) one GPU call can carry; drop a wheel or shrink the tree" >&2; exit 1; fi

@@ -1,0 +1,199 @@
+"""The parts of the prepared GPU check (bench/gpu_check.sh, bench/gpu_train_step.py, `make
+gpu-wheels`) that run without a GPU: argument handling, step bookkeeping, the offline install
+from .whl/, and one training step of a tiny model on CPU."""
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llm_lru.config import DEFAULT_KINDS, load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "bench" / "gpu_check.sh"
+WHEELS = ROOT / ".whl"
+STEPS = ["env", "install", "pytest", "scan", "train"]
+
+
+def check(*args, **kw):
+    return subprocess.run(["bash", str(SCRIPT), *args], cwd=ROOT, capture_output=True, text=True, **kw)
+
+
+def train_step_module():
+    spec = importlib.util.spec_from_file_location("gpu_train_step", ROOT / "bench" / "gpu_train_step.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# ---- bench/gpu_check.sh: arguments --------------------------------------------------------------
+
+def test_help_names_every_step_and_option():
+    r = check("--help")
+    assert r.returncode == 0, r.stderr
+    for word in STEPS + ["--dry-run", "--only", "--out", "--wheels", "--python", "--budget", "--step-budget"]:
+        assert re.search(rf"(^|\s){re.escape(word)}\s", r.stdout), word
+
+
+def test_dry_run_lists_the_steps_within_eight_minutes_and_runs_nothing(tmp_path):
+    r = check("--dry-run", "--out", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr
+    budgets = dict(re.findall(r"^  (\w+)\s+(\d+)  ", r.stdout, re.M))
+    assert list(budgets) == STEPS
+    total = int(re.search(r"(\d+) in all", r.stdout).group(1))
+    assert sum(map(int, budgets.values())) <= total <= 8 * 60
+    assert not (tmp_path / "out").exists()
+
+    r = check("--dry-run", "--only", "train,pytest")
+    assert r.returncode == 0, r.stderr
+    assert re.findall(r"^  (\w+)\s+\d+  ", r.stdout, re.M) == ["train", "pytest"]
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--frobnicate"], "--frobnicate"),
+    (["--only", "env,gpu_burn"], "gpu_burn"),
+    (["--workers", "four"], "--workers"),
+    (["--budget", "-1"], "--budget"),
+    (["--out"], "--out"),
+    (["--out", "--dry-run"], "--out"),
+    (["--step-budget", "burn=30"], "burn"),
+])
+def test_bad_arguments_are_usage_errors_naming_the_argument(args, named, tmp_path):
+    r = check("--work", str(tmp_path / "work"), *args)
+    assert r.returncode == 2
+    assert named in r.stderr
+    assert not (tmp_path / "work").exists()
+
+
+def test_a_failing_step_is_recorded_and_the_next_one_runs(tmp_path):
+    """install without wheels fails at once; env still runs (and fails where nvidia-smi is missing)."""
+    out = tmp_path / "out"
+    r = check("--only", "install,env", "--wheels", str(tmp_path / "no-wheels"), "--python", sys.executable,
+              "--work", str(tmp_path / "work"), "--out", str(out), timeout=120)
+    assert r.returncode == 1, r.stdout + r.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    steps = {s["step"]: s for s in summary["steps"]}
+    assert list(steps) == ["install", "env"]
+    assert steps["install"]["status"] == "failed" and steps["install"]["rc"] == 3
+    has_smi = shutil.which("nvidia-smi") is not None
+    assert steps["env"]["status"] == ("ok" if has_smi else "failed")
+    env = (out / "env.txt").read_text()
+    assert f"torch {torch.__version__}" in env
+    md = (out / "summary.md").read_text()
+    assert "| install | failed |" in md and "make gpu-wheels" in md  # the failing log's tail, with the hint
+    assert len(list(out.iterdir())) <= 8  # what a lent machine sends back
+
+
+def test_steps_past_the_whole_budget_are_skipped(tmp_path):
+    out = tmp_path / "out"
+    r = check("--only", "install", "--budget", "3", "--wheels", str(tmp_path / "no-wheels"),
+              "--python", sys.executable, "--work", str(tmp_path / "work"), "--out", str(out), timeout=120)
+    assert r.returncode == 1
+    (step,) = json.loads((out / "summary.json").read_text())["steps"]
+    assert step["status"] == "skipped" and "no time left" in step["note"]
+    assert not (tmp_path / "work" / "install.log").exists()
+
+
+@pytest.mark.slow
+def test_pytest_step_counts_outcomes_per_dtype(tmp_path):
+    """The GPU tests' fp32 and bf16 cases are told apart (their ids say dtype0, dtype1)."""
+    out = tmp_path / "out"
+    r = check("--only", "pytest", "--workers", "1", "--python", sys.executable, "--work", str(tmp_path / "work"),
+              "--out", str(out), timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    counts = json.loads((out / "summary.json").read_text())["pytest"]["by_dtype"]
+    # tests/kernels/test_triton_gpu.py alone has 19 cases of each dtype (2 x 5 + 2 x 4 + 1)
+    assert sum(counts["fp32"].values()) >= 19 and sum(counts["bf16"].values()) >= 19
+    if not torch.cuda.is_available():
+        assert {outcome for c in counts.values() for outcome in c} == {"skipped"}
+    assert "fp32" in (out / "summary.md").read_text()
+
+
+# ---- the wheels: make gpu-wheels, then an offline install into an empty folder -------------------
+
+def lock_pins():
+    pins = {}
+    for line in (ROOT / "requirements.lock").read_text().splitlines():
+        m = re.match(r"^([a-z0-9][a-z0-9._-]*)==(\S+)", line)
+        if m:
+            pins[m.group(1)] = m.group(2)
+    return pins
+
+
+@pytest.mark.slow
+def test_wheels_install_offline_into_an_empty_folder_and_import(tmp_path):
+    if not (WHEELS / "requirements.txt").is_file():
+        r = subprocess.run(["make", "gpu-wheels"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    wanted = dict(line.split("==") for line in (WHEELS / "requirements.txt").read_text().split())
+    assert {"deepspeed", "flash-linear-attention", "fla-core", "webdataset", "omegaconf", "pydantic"} <= set(wanted)
+    locked = lock_pins()
+    assert {k: v for k, v in wanted.items() if k in locked} == {k: locked[k] for k in wanted if k in locked}
+    size = sum(p.stat().st_size for p in WHEELS.rglob("*") if p.is_file())
+    assert size < 64 << 20
+
+    work, out = tmp_path / "work", tmp_path / "out"
+    # a shared CPU machine: more time than the GPU machine's budget, not less work
+    r = check("--only", "install", "--step-budget", "install=600", "--budget", "900", "--python", sys.executable,
+              "--work", str(work), "--out", str(out), timeout=900)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    site = work / "site"
+    # Independently of the script's own import check: a fresh interpreter with only the target
+    # folder added finds llm_lru and its dependencies there, and torch where it was.
+    code = ("import json, deepspeed, fla, webdataset, omegaconf, llm_lru.kernels, llm_lru.models, torch\n"
+            "print(json.dumps({m.__name__: m.__file__ for m in (deepspeed, fla, webdataset, omegaconf,"
+            " llm_lru.kernels, llm_lru.models, torch)}))")
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    files = json.loads(r.stdout.strip().splitlines()[-1])
+    for name, path in files.items():
+        assert Path(path).is_relative_to(site) == (name != "torch"), (name, path)
+    assert not (ROOT / "llm_lru.egg-info").exists()  # the build ran on a copy, not in the tree
+
+
+# ---- bench/gpu_train_step.py --------------------------------------------------------------------
+
+def test_train_step_smoke_reports_both_models(tmp_path):
+    mod = train_step_module()
+    out = tmp_path / "step.json"
+    assert mod.main(["--smoke", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    meta, rows = result["meta"], {r["name"]: r for r in result["models"]}
+    assert meta["smoke"] and meta["dtype"] == "bf16"
+    hyb, att = rows["hybrid"], rows["attention"]
+    pattern = load_config(ROOT / "configs" / "hybrid-125m.yaml").model.pattern
+    kinds = [DEFAULT_KINDS[c] for c in pattern]  # --smoke: one round of the config's pattern
+    assert hyb["layers"] == kinds and hyb["pattern"] == pattern
+    assert att["layers"] == ["attn"] * len(kinds) and att["d_model"] == hyb["d_model"] == 64
+    assert "swa" not in kinds  # the FLOP count below assumes full attention
+    B, T, d = meta["micro_batch"], meta["seq_len"], 64
+    for row, n_attn in ((hyb, kinds.count("attn")), (att, len(kinds))):
+        assert row["tokens_per_step"] == B * T
+        assert row["tokens_per_s"] == pytest.approx(B * T / row["step_time_s"])
+        # training FLOPs per token: 6 N plus the attention scores and values (12 d T / 2 per layer)
+        assert row["flops_per_token"] == pytest.approx(6 * row["n_params"] + 12 * n_attn * d * T / 2)
+        assert row["loss_last"] < row["loss_first"]  # the steps train: the same batch, lower loss
+        assert row["peak_memory_gib"] > 0 and len(row["step_times_s"]) == meta["steps"]
+        if not torch.cuda.is_available():
+            assert row["mfu"] is None
+    assert result["ratios"][0]["value"] == pytest.approx(hyb["tokens_per_s"] / att["tokens_per_s"])
+    assert "| hybrid | BBBA |" in out.with_suffix(".md").read_text()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the no-GPU path")
+def test_train_step_without_gpu_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "step.json"
+    assert train_step_module().main(["--out", str(out)]) == 0
+    assert not out.exists() and "no CUDA device" in capsys.readouterr().out
+
+
+def test_train_step_rejects_bad_sizes(tmp_path):
+    with pytest.raises(ValueError, match="--steps"):
+        train_step_module().main(["--smoke", "--steps", "0", "--out", str(tmp_path / "x.json")])
