@@ -15,6 +15,10 @@ the cut moves one step). Outputs and state are fp32 for bf16/fp32 inputs (fp64 f
 
 All scans take `chunk=` (steps per chunk of the two-level form; automatic on CUDA). Importing this
 package imports triton: on a machine without a GPU set TRITON_INTERPRET=1 before importing it.
+Every kernel keeps a row's state and transition in one thread's registers (see _common);
+`python -m llm_lru.kernels.triton.aot` (without TRITON_INTERPRET) compiles every variant for
+sm_80 / sm_90 on any machine and reports registers, spills, occupancy and the time loop's
+shuffles, barriers and loads (bench/results/triton_resources.md).
 The PyTorch reference of the fused gates is llm_lru.kernels.gates (no triton import).
 """
 from .block import bdlru_scan_triton, block_carry_triton, block_scan_triton, diag_scan_triton

@@ -1,8 +1,15 @@
-"""Pieces shared by the Triton scan kernels: in-register gate normalisations, launch choices.
+"""Pieces shared by the Triton scan kernels: per-thread gate normalisations, tuple helpers,
+launch choices.
+
+Every kernel gives each row (one (b, n) block) to one thread: the row's m-vector state, its
+transition rows and its gate rows are tuples of (BLOCK_R,) vectors unrolled over m, so the time
+loop is elementwise, with no cross-thread reduction (no shuffles, no barriers), the way fla's
+fused_recurrent kernels keep theirs. The tuple lengths are constexprs (m, m + 1): nothing is
+padded to a power of two.
 
 The normalisation codes match llm_lru.kernels.gates.NORMS: 0 = none (transitions given),
 1 softmax, 2 sigmoid/sum, 3 relu/sum, 4 tanh/sum|.|. The gates module is the definition; these
-jit functions are tested against it.
+jit functions are tested against it through the fused scans.
 """
 from __future__ import annotations
 
@@ -13,10 +20,18 @@ import torch
 import triton
 import triton.language as tl
 
-from ..gates import EPS, NORMS, check_norm
+from ..gates import NORMS, check_norm
 
 NORM_CODE = {name: i + 1 for i, name in enumerate(NORMS)}
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# One row per thread: 4 warps of 32 rows. Fewer rows get a smaller tile (the grid, and
+# pick_chunk's time split, fill the GPU instead).
+ROWS_PER_WARP = 32
+MAX_WARPS = 4
+# P columns one program carries in a chunk's carry pass: 2 x m x NCOL accumulators (old and new
+# product rows) stay near 64 registers for every m, so m = 8 and 16 split the columns over programs.
+# The companion carry gets half (ptxas spilled its m = 8, 4-column form for sm_80 at 72 registers).
+P_REGS = 32
 
 
 def norm_code(norm: Optional[str]) -> int:
@@ -28,39 +43,94 @@ def norm_code(norm: Optional[str]) -> int:
 
 
 @triton.jit
-def normalize(g, valid, AXIS: tl.constexpr, NORM: tl.constexpr, EPS: tl.constexpr):
-    """Normalise g over AXIS where `valid`; returns (P, s, S): P = s / S (S broadcast, keepdims)."""
-    if NORM == 1:
-        gm = tl.where(valid, g, float("-inf"))
-        mx = tl.expand_dims(tl.max(gm, axis=AXIS), AXIS)
-        s = tl.where(valid, tl.exp(gm - mx), 0.0)
-        S = tl.expand_dims(tl.sum(s, axis=AXIS), AXIS)
-    elif NORM == 2:
-        s = tl.where(valid, tl.sigmoid(g), 0.0)
-        S = tl.expand_dims(tl.sum(s, axis=AXIS), AXIS)
-    elif NORM == 3:
-        s = tl.where(valid, tl.maximum(g, 0.0), 0.0)
-        S = tl.expand_dims(tl.sum(s, axis=AXIS), AXIS) + EPS
-    else:
-        s = tl.where(valid, 2.0 * tl.sigmoid(2.0 * g) - 1.0, 0.0)  # tanh
-        S = tl.expand_dims(tl.sum(tl.abs(s), axis=AXIS), AXIS) + EPS
-    return s / S, s, S
+def zeros_tuple(like, N: tl.constexpr):
+    """A tuple of N zero vectors shaped like `like`."""
+    out = ()
+    for _i in tl.static_range(N):
+        out = out + (tl.zeros_like(like),)
+    return out
 
 
 @triton.jit
-def normalize_bwd(dP, P, s, S, g, AXIS: tl.constexpr, NORM: tl.constexpr):
-    """Gradient of the logits g from dL/dP (recomputed P, s, S from `normalize`)."""
-    dot = tl.expand_dims(tl.sum(dP * P, axis=AXIS), AXIS)
+def load_tuple(ptr, off, mask, N: tl.constexpr, ACC: tl.constexpr):
+    """(ptr[off + 0], ..., ptr[off + N - 1]) as ACC vectors: one thread reads its row's N values."""
+    out = ()
+    for j in tl.static_range(N):
+        out = out + (tl.load(ptr + off + j, mask=mask, other=0.0).to(ACC),)
+    return out
+
+
+@triton.jit
+def store_tuple(ptr, off, x, mask, N: tl.constexpr):
+    for j in tl.static_range(N):
+        tl.store(ptr + off + j, x[j], mask=mask)
+
+
+@triton.jit
+def normalize(g, W: tl.constexpr, NORM: tl.constexpr, EPS: tl.constexpr):
+    """Normalise one gate row g (a tuple of W vectors); returns (P, s, S) with P_j = s_j / S."""
+    s = ()
+    S = tl.zeros_like(g[0])
     if NORM == 1:
-        dg = (dP - dot) * P
+        mx = g[0]
+        for j in tl.static_range(1, W):
+            mx = tl.maximum(mx, g[j])
+        for j in tl.static_range(W):
+            e = tl.exp(g[j] - mx)
+            s = s + (e,)
+            S += e
     elif NORM == 2:
-        dg = (dP - dot) / S * s * (1.0 - s)
+        for j in tl.static_range(W):
+            e = tl.sigmoid(g[j])
+            s = s + (e,)
+            S += e
     elif NORM == 3:
-        dg = tl.where(g > 0.0, (dP - dot) / S, 0.0)
+        for j in tl.static_range(W):
+            e = tl.maximum(g[j], 0.0)
+            s = s + (e,)
+            S += e
+        S += EPS
     else:
-        sgn = tl.where(s > 0.0, 1.0, tl.where(s < 0.0, -1.0, 0.0))
-        dg = (dP - sgn * dot) / S * (1.0 - s * s)
+        for j in tl.static_range(W):
+            e = 2.0 * tl.sigmoid(2.0 * g[j]) - 1.0  # tanh
+            s = s + (e,)
+            S += tl.abs(e)
+        S += EPS
+    inv = 1.0 / S
+    P = ()
+    for j in tl.static_range(W):
+        P = P + (s[j] * inv,)
+    return P, s, S
+
+
+@triton.jit
+def normalize_bwd(dP, P, s, S, g, W: tl.constexpr, NORM: tl.constexpr):
+    """Gradient of the logits row g (tuple of W) from dL/dP (P, s, S recomputed by `normalize`)."""
+    dot = tl.zeros_like(S)
+    for j in tl.static_range(W):
+        dot += dP[j] * P[j]
+    inv = 1.0 / S
+    dg = ()
+    for j in tl.static_range(W):
+        if NORM == 1:
+            d = (dP[j] - dot) * P[j]
+        elif NORM == 2:
+            d = (dP[j] - dot) * inv * s[j] * (1.0 - s[j])
+        elif NORM == 3:
+            d = tl.where(g[j] > 0.0, (dP[j] - dot) * inv, 0.0)
+        else:
+            sgn = tl.where(s[j] > 0.0, 1.0, tl.where(s[j] < 0.0, -1.0, 0.0))
+            d = (dP[j] - sgn * dot) * inv * (1.0 - s[j] * s[j])
+        dg = dg + (d,)
     return dg
+
+
+@triton.jit
+def tile_rows(R, N, BLOCK_R: tl.constexpr, pid):
+    """The rows of tile `pid`: (rows, mask, b, n), b and n as int64 for the offsets."""
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < R
+    return rows, rmask, (rows // N).to(tl.int64), (rows % N).to(tl.int64)
 
 
 def acc_triton_dtype(dt: torch.dtype):
@@ -68,14 +138,18 @@ def acc_triton_dtype(dt: torch.dtype):
     return tl.float64 if dt == torch.float64 else tl.float32
 
 
-def block_rows(K: int, R: int) -> int:
-    """Rows per program: keep a (rows, K, K) tile near 4K elements (registers on a GPU)."""
-    cap = max(1, min(256, 4096 // (K * K)))
-    return max(1, min(cap, triton.next_power_of_2(R)))
+def block_rows(R: int) -> int:
+    """Rows per program (one per thread): 32 x warps, fewer for a small R."""
+    return max(ROWS_PER_WARP, min(ROWS_PER_WARP * MAX_WARPS, triton.next_power_of_2(R)))
 
 
-def num_warps_for(BLOCK_R: int, K: int) -> int:
-    return 4 if BLOCK_R * K * K >= 1024 else (2 if BLOCK_R * K * K >= 256 else 1)
+def num_warps_for(BLOCK_R: int) -> int:
+    return max(1, BLOCK_R // ROWS_PER_WARP)
+
+
+def p_columns(M: int, companion: bool = False) -> int:
+    """Columns of the chunk product one program carries (see P_REGS)."""
+    return max(1, min(M, (P_REGS // 2 if companion else P_REGS) // M))
 
 
 def pick_chunk(T: int, R: int, BLOCK_R: int, device: torch.device, chunk: Optional[int]) -> Tuple[int, int]:
@@ -95,8 +169,9 @@ def pick_chunk(T: int, R: int, BLOCK_R: int, device: torch.device, chunk: Option
     return L, triton.cdiv(T, L)
 
 
-def grid_and_warps(R: int, C: int, BLOCK_R: int, K: int):
-    return (triton.cdiv(R, BLOCK_R), C), ({} if INTERPRET else {"num_warps": num_warps_for(BLOCK_R, K)})
+def launch_options(BLOCK_R: int) -> dict:
+    """num_warps for a launch (the interpreter takes none)."""
+    return {} if INTERPRET else {"num_warps": num_warps_for(BLOCK_R)}
 
 
 def scan_order_last_cut(reset: torch.Tensor, reverse: bool) -> torch.Tensor:

@@ -1,13 +1,15 @@
 """Triton block scan h_t = A_t h_{t-1} + u_t (DESIGN.md §3), forward and backward, and the fused
 BD-LRU entry point that reads gate logits and normalises rows in registers.
 
-One program owns BLOCK_R rows (a row is one (b, n) block) and walks time sequentially with the
-m-vector state of every row in registers; transitions are read once, states written once, which
-is the memory floor. With few rows and long T the time axis is cut into C chunks (two-level form):
+One program owns BLOCK_R rows (a row is one (b, n) block), one row per thread, and walks time
+sequentially with the row's m-vector state in that thread's registers (tuples unrolled over m,
+see _common): the loop has no cross-thread reduction; transitions are read once, states written
+once, which is the memory floor. With few rows and long T the time axis is cut into C chunks:
 
   pass 1  every chunk scans from a zero state, keeping only its carry (P_c, s_c):
-          P_c = A_end ... A_start, s_c = state at the chunk end  (what SP exchanges between ranks)
-  fold    init_{c+1} = P_c init_c + s_c                           (C tiny steps, in torch)
+          P_c = A_end ... A_start, s_c = state at the chunk end  (what SP exchanges between ranks);
+          P_c's columns evolve as p <- A_t p, a few columns per program (Launch.NCOL)
+  fold    init_{c+1} = P_c init_c + s_c                           (C small steps, one kernel)
   pass 2  every chunk scans again from init_c and writes h
 
 The backward is the adjoint scan lam_t = g_t + A_{t+1}^T lam_{t+1} in the opposite direction,
@@ -24,60 +26,72 @@ import triton.language as tl
 
 from ..checks import acc_dtype, check_block, check_diag, check_reset
 from ..gates import EPS, check_bdlru
-from ._common import (acc_triton_dtype, block_rows, grid_and_warps, normalize, normalize_bwd, norm_code,
-                      pick_chunk)
+from ._common import (acc_triton_dtype, block_rows, launch_options, load_tuple, normalize, normalize_bwd,
+                      norm_code, p_columns, pick_chunk, store_tuple, tile_rows, zeros_tuple)
 
 Tensor = torch.Tensor
 
 
 @triton.jit
-def _load_trans(G, U, goff, uoff, m3, m2, jj, rst_keep,
-                M: tl.constexpr, W: tl.constexpr, NORM: tl.constexpr, EPS: tl.constexpr, HAS_RESET: tl.constexpr,
-                ACC: tl.constexpr):
-    """Transition tile A (R, K, K) and input u (R, K) of one step, plus what the backward needs."""
-    g = tl.load(G + goff, mask=m3, other=0.0).to(ACC)
-    v = tl.load(U + uoff, mask=m2, other=0.0).to(ACC)
+def _trans_row(G, U, tok, i, rmask, M: tl.constexpr, W: tl.constexpr, NORM: tl.constexpr,
+               EPS: tl.constexpr, ACC: tl.constexpr):
+    """Row i of one step's transition, in the thread that owns the row: a (tuple of M), u_i, and
+    what the backward needs (logits g, v_i, a0_i, normalised P, s, S; unused when NORM = 0)."""
+    g = load_tuple(G, tok * (M * W) + i * W, rmask, W, ACC)
+    v = tl.load(U + tok * M + i, mask=rmask, other=0.0).to(ACC)
     if NORM == 0:
-        A = g
-        a0 = v  # unused
+        a = g
+        u = v
+        a0 = v
         P = g
         s = g
-        S = g
-        u = v
+        S = v
     else:
-        # columns only: padded rows normalise finite zeros (no 0/0), then are masked away
-        P, s, S = normalize(g, jj < W, 2, NORM, EPS)
-        P = tl.where(m3, P, 0.0)
-        a0 = tl.sum(tl.where(jj == M, P, 0.0), axis=2)
-        A = tl.where(jj < M, P, 0.0)
+        P, s, S = normalize(g, W, NORM, EPS)
+        a = ()
+        for j in tl.static_range(M):
+            a = a + (P[j],)
+        a0 = P[M]
         u = a0 * v
-    if HAS_RESET:
-        A = A * rst_keep[:, None, None]
-    return A, u, g, v, a0, P, s, S
+    return a, u, g, v, a0, P, s, S
+
+
+@triton.jit
+def _dot(a, x, M: tl.constexpr):
+    """sum_j a[j] * x[j] over two M-tuples."""
+    acc = a[0] * x[0]
+    for j in tl.static_range(1, M):
+        acc += a[j] * x[j]
+    return acc
 
 
 @triton.jit
 def _block_fwd_kernel(G, U, INIT, H, LAST, PROD, RST,
                       T, N, R, L, C,
-                      M: tl.constexpr, W: tl.constexpr, K: tl.constexpr, NORM: tl.constexpr,
+                      M: tl.constexpr, W: tl.constexpr, NORM: tl.constexpr,
                       EPS: tl.constexpr, REVERSE: tl.constexpr, HAS_RESET: tl.constexpr,
-                      STORE_H: tl.constexpr, WANT_P: tl.constexpr, ACC: tl.constexpr,
+                      STORE_H: tl.constexpr, WANT_P: tl.constexpr, NCOL: tl.constexpr, ACC: tl.constexpr,
                       BLOCK_R: tl.constexpr):
-    pid = tl.program_id(0)
+    """One chunk of h_t = A_t h_{t-1} + u_t per row. WANT_P: also the chunk product P = A_end ...
+    A_start, columns [grp * NCOL, grp * NCOL + NCOL) of it in this program (each column evolves
+    as p <- A_t p, so it is the product, one matrix-vector step per time step)."""
     c = tl.program_id(1)
-    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-    rmask = rows < R
-    b = (rows // N).to(tl.int64)
-    n = (rows % N).to(tl.int64)
-    ii = tl.arange(0, K)[None, :, None]
-    jj = tl.arange(0, K)[None, None, :]
-    k2 = tl.arange(0, K)[None, :]
-    m2 = rmask[:, None] & (k2 < M)
-    m3 = rmask[:, None, None] & (ii < M) & (jj < W)
-    cid = (b * C + c) * N + n  # (B, C, N) carry index
-    h = tl.load(INIT + cid[:, None] * M + k2, mask=m2, other=0.0).to(ACC)
     if WANT_P:
-        Pacc = tl.where((ii == jj) & (ii < M), 1.0, 0.0).to(ACC) + tl.zeros([BLOCK_R, K, K], dtype=ACC)
+        NG: tl.constexpr = (M + NCOL - 1) // NCOL
+        grp = tl.program_id(0) % NG
+        tile = tl.program_id(0) // NG
+    else:
+        grp = 0
+        tile = tl.program_id(0)
+    rows, rmask, b, n = tile_rows(R, N, BLOCK_R, tile)
+    cid = (b * C + c) * N + n  # (B, C, N) carry index
+    h = load_tuple(INIT, cid * M, rmask, M, ACC)
+    if WANT_P:
+        k0 = grp * NCOL
+        Pt = ()  # Pt[j * NCOL + q] = P[j, k0 + q], starting from the identity
+        for j in tl.static_range(M):
+            for q in tl.static_range(NCOL):
+                Pt = Pt + (tl.zeros([BLOCK_R], dtype=ACC) + (k0 + q == j).to(ACC),)
     start = c * L
     end = tl.minimum(start + L, T)
     for step in range(start, end):
@@ -86,52 +100,53 @@ def _block_fwd_kernel(G, U, INIT, H, LAST, PROD, RST,
         else:
             t = step
         tok = (b * T + t) * N + n
-        keep = tl.full([BLOCK_R], 1.0, ACC)
         if HAS_RESET:
             keep = tl.where(tl.load(RST + b * T + t, mask=rmask, other=0) != 0, 0.0, 1.0).to(ACC)
-        A, u, g, v, a0, P, s, S = _load_trans(G, U, tok[:, None, None] * (M * W) + ii * W + jj,
-                                              tok[:, None] * M + k2, m3, m2, jj, keep,
-                                              M, W, NORM, EPS, HAS_RESET, ACC)
-        h = tl.sum(A * h[:, None, :], axis=2) + u
-        if STORE_H:
-            tl.store(H + tok[:, None] * M + k2, h, mask=m2)
+        hn = ()
+        Pn = ()
+        for i in tl.static_range(M):
+            a, u, g, v, a0, P, s, S = _trans_row(G, U, tok, i, rmask, M, W, NORM, EPS, ACC)
+            acc = _dot(a, h, M)
+            if HAS_RESET:
+                acc = acc * keep
+            hn = hn + (acc + u,)
+            if WANT_P:
+                for q in tl.static_range(NCOL):
+                    pacc = a[0] * Pt[q]
+                    for j in tl.static_range(1, M):
+                        pacc += a[j] * Pt[j * NCOL + q]
+                    if HAS_RESET:
+                        pacc = pacc * keep
+                    Pn = Pn + (pacc,)
+        h = hn
         if WANT_P:
-            # Pacc <- A @ Pacc, one column of A at a time (rank-1 updates keep the tile 3-D).
-            new = tl.zeros([BLOCK_R, K, K], dtype=ACC)
-            for q in tl.static_range(K):
-                acol = tl.sum(tl.where(jj == q, A, 0.0), axis=2)
-                prow = tl.sum(tl.where(ii == q, Pacc, 0.0), axis=1)
-                new += acol[:, :, None] * prow[:, None, :]
-            Pacc = new
-    tl.store(LAST + cid[:, None] * M + k2, h, mask=m2)
+            Pt = Pn
+        if STORE_H:
+            store_tuple(H, tok * M, h, rmask, M)
+    store_tuple(LAST, cid * M, h, rmask & (rows * 0 + grp == 0), M)
     if WANT_P:
-        tl.store(PROD + cid[:, None, None] * (M * M) + ii * M + jj, Pacc,
-                 mask=rmask[:, None, None] & (ii < M) & (jj < M))
+        for j in tl.static_range(M):
+            for q in tl.static_range(NCOL):
+                tl.store(PROD + cid * (M * M) + j * M + k0 + q, Pt[j * NCOL + q], mask=rmask & (rows * 0 + k0 + q < M))
 
 
 @triton.jit
 def _block_bwd_kernel(G, U, H, H0, DH, LAMIN, DG, DU, LAMOUT, RST,
                       T, N, R, L, C,
-                      M: tl.constexpr, W: tl.constexpr, K: tl.constexpr, NORM: tl.constexpr,
+                      M: tl.constexpr, W: tl.constexpr, NORM: tl.constexpr,
                       EPS: tl.constexpr, REVERSE: tl.constexpr, HAS_RESET: tl.constexpr,
                       HAS_H0: tl.constexpr, CARRY_ONLY: tl.constexpr, ACC: tl.constexpr,
                       BLOCK_R: tl.constexpr):
-    pid = tl.program_id(0)
+    """One chunk of the adjoint lam_t = dh_t + A_{t+1}^T lam_{t+1}, in reverse scan order, with
+    dA_t = lam_t h_{t-1}^T (or the logits' gradient) and du_t; CARRY_ONLY: only the adjoint."""
     c = tl.program_id(1)
-    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-    rmask = rows < R
-    b = (rows // N).to(tl.int64)
-    n = (rows % N).to(tl.int64)
-    ii = tl.arange(0, K)[None, :, None]
-    jj = tl.arange(0, K)[None, None, :]
-    k2 = tl.arange(0, K)[None, :]
-    m2 = rmask[:, None] & (k2 < M)
-    m3 = rmask[:, None, None] & (ii < M) & (jj < W)
+    rows, rmask, b, n = tile_rows(R, N, BLOCK_R, tl.program_id(0))
     cid = (b * C + c) * N + n
-    carry = tl.load(LAMIN + cid[:, None] * M + k2, mask=m2, other=0.0).to(ACC)
-    h0 = tl.zeros([BLOCK_R, K], dtype=ACC)
+    carry = load_tuple(LAMIN, cid * M, rmask, M, ACC)
     if HAS_H0:
-        h0 = tl.load(H0 + (b * N + n)[:, None] * M + k2, mask=m2, other=0.0).to(ACC)
+        h0 = load_tuple(H0, (b * N + n) * M, rmask, M, ACC)
+    else:
+        h0 = zeros_tuple(tl.zeros([BLOCK_R], dtype=ACC), M)
     start = c * L
     end = tl.minimum(start + L, T)
     for i in range(0, end - start):
@@ -143,73 +158,85 @@ def _block_bwd_kernel(G, U, H, H0, DH, LAMIN, DG, DU, LAMOUT, RST,
             t = step
             tp = t - 1
         tok = (b * T + t) * N + n
-        keep = tl.full([BLOCK_R], 1.0, ACC)
         if HAS_RESET:
             keep = tl.where(tl.load(RST + b * T + t, mask=rmask, other=0) != 0, 0.0, 1.0).to(ACC)
-        goff = tok[:, None, None] * (M * W) + ii * W + jj
-        A, u, g, v, a0, P, s, S = _load_trans(G, U, goff, tok[:, None] * M + k2, m3, m2, jj, keep,
-                                              M, W, NORM, EPS, HAS_RESET, ACC)
-        lam = tl.load(DH + tok[:, None] * M + k2, mask=m2, other=0.0).to(ACC) + carry
+        lam = ()
+        for j in tl.static_range(M):
+            lam = lam + (tl.load(DH + tok * M + j, mask=rmask, other=0.0).to(ACC) + carry[j],)
         if not CARRY_ONLY:
-            started = (k2 * 0 + step) > 0  # a tensor: a scalar condition in a mask trips the interpreter
-            hp = tl.load(H + ((b * T + tp) * N + n)[:, None] * M + k2, mask=m2 & started, other=0.0).to(ACC)
-            hp = tl.where(started, hp, h0)
-            dA = lam[:, :, None] * hp[:, None, :]
-            if HAS_RESET:
-                dA = dA * keep[:, None, None]
-            if NORM == 0:
-                tl.store(DG + goff, dA, mask=m3)
-                tl.store(DU + tok[:, None] * M + k2, lam, mask=m2)
-            else:
-                dP = tl.where(jj < M, dA, 0.0) + tl.where(jj == M, (lam * v)[:, :, None], 0.0)
-                dg = normalize_bwd(dP, P, s, S, g, 2, NORM)
-                tl.store(DG + goff, dg, mask=m3)
-                tl.store(DU + tok[:, None] * M + k2, lam * a0, mask=m2)
-        carry = tl.sum(A * lam[:, :, None], axis=1)  # A_t^T lam_t flows to the previous step
-    tl.store(LAMOUT + cid[:, None] * M + k2, carry, mask=m2)
+            started = (rows * 0 + step) > 0  # a tensor: a scalar condition in a mask trips the interpreter
+            hp = ()
+            for j in tl.static_range(M):
+                x = tl.load(H + ((b * T + tp) * N + n) * M + j, mask=rmask & started, other=0.0).to(ACC)
+                hp = hp + (tl.where(started, x, h0[j]),)
+        cn = zeros_tuple(lam[0], M)
+        for r in tl.static_range(M):
+            a, u, g, v, a0, P, s, S = _trans_row(G, U, tok, r, rmask, M, W, NORM, EPS, ACC)
+            if not CARRY_ONLY:
+                lr = lam[r]
+                if HAS_RESET:
+                    lr = lr * keep
+                dA = ()
+                for j in tl.static_range(M):
+                    dA = dA + (lr * hp[j],)
+                if NORM == 0:
+                    store_tuple(DG, tok * (M * W) + r * W, dA, rmask, M)
+                    tl.store(DU + tok * M + r, lam[r], mask=rmask)
+                else:
+                    dg = normalize_bwd(dA + (lam[r] * v,), P, s, S, g, W, NORM)
+                    store_tuple(DG, tok * (M * W) + r * W, dg, rmask, W)
+                    tl.store(DU + tok * M + r, lam[r] * a0, mask=rmask)
+            nxt = ()  # A_t^T lam_t, row r's share
+            for j in tl.static_range(M):
+                nxt = nxt + (cn[j] + a[j] * lam[r],)
+            cn = nxt
+        if HAS_RESET:
+            nxt = ()
+            for j in tl.static_range(M):
+                nxt = nxt + (cn[j] * keep,)
+            cn = nxt
+        carry = cn
+    store_tuple(LAMOUT, cid * M, carry, rmask, M)
 
 
 @triton.jit
-def _fold_kernel(P, S, X0, OUT, C, N, R, M: tl.constexpr, K: tl.constexpr, BACKWARD: tl.constexpr,
+def _fold_kernel(P, S, X0, OUT, C, N, R, M: tl.constexpr, BACKWARD: tl.constexpr,
                  ACC: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Sequential fold of chunk carries, one program per row tile (C small steps, no launches):
+    """Sequential fold of chunk carries, one row per thread (C small steps, no launches):
     forward  OUT_0 = X0,     OUT_{c+1} = P_c OUT_c + S_c
     backward OUT_{C-1} = X0, OUT_{c-1} = P_c^T OUT_c + S_c."""
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-    rmask = rows < R
-    b = (rows // N).to(tl.int64)
-    n = (rows % N).to(tl.int64)
-    ii = tl.arange(0, K)[None, :, None]
-    jj = tl.arange(0, K)[None, None, :]
-    k2 = tl.arange(0, K)[None, :]
-    m2 = rmask[:, None] & (k2 < M)
-    m3 = rmask[:, None, None] & (ii < M) & (jj < M)
-    x = tl.load(X0 + (b * N + n)[:, None] * M + k2, mask=m2, other=0.0).to(ACC)
+    rows, rmask, b, n = tile_rows(R, N, BLOCK_R, tl.program_id(0))
+    x = load_tuple(X0, (b * N + n) * M, rmask, M, ACC)
     for i in range(0, C):
         if BACKWARD:
             c = C - 1 - i
         else:
             c = i
         cid = (b * C + c) * N + n
-        tl.store(OUT + cid[:, None] * M + k2, x, mask=m2)
-        Pc = tl.load(P + cid[:, None, None] * (M * M) + ii * M + jj, mask=m3, other=0.0).to(ACC)
-        sc = tl.load(S + cid[:, None] * M + k2, mask=m2, other=0.0).to(ACC)
-        if BACKWARD:
-            x = tl.sum(Pc * x[:, :, None], axis=1) + sc
-        else:
-            x = tl.sum(Pc * x[:, None, :], axis=2) + sc
+        store_tuple(OUT, cid * M, x, rmask, M)
+        xn = load_tuple(S, cid * M, rmask, M, ACC)
+        for r in tl.static_range(M):
+            prow = load_tuple(P, cid * (M * M) + r * M, rmask, M, ACC)
+            nxt = ()
+            for j in tl.static_range(M):
+                if BACKWARD:  # (P^T x)_j += P[r, j] x_r
+                    nxt = nxt + (xn[j] + prow[j] * x[r],)
+                elif j == r:
+                    nxt = nxt + (xn[j] + _dot(prow, x, M),)
+                else:
+                    nxt = nxt + (xn[j],)
+            xn = nxt
+        x = xn
 
 
 def _fold(P: Tensor, S: Tensor, x0: Tensor, backward: bool) -> Tensor:
     """P: (B, C, N, M, M), S: (B, C, N, M), x0: (B, N, M) -> carries entering each chunk (B, C, N, M)."""
     B, C, N, M = S.shape
-    K = triton.next_power_of_2(M)
-    BLOCK_R = block_rows(K, B * N)
+    BLOCK_R = block_rows(B * N)
     out = torch.empty_like(S)
-    grid, warps = grid_and_warps(B * N, 1, BLOCK_R, K)
-    _fold_kernel[grid](P, S, x0.contiguous(), out, C, N, B * N, M=M, K=K, BACKWARD=backward,
-                       ACC=acc_triton_dtype(S.dtype), BLOCK_R=BLOCK_R, **warps)
+    _fold_kernel[(triton.cdiv(B * N, BLOCK_R),)](P, S, x0.contiguous(), out, C, N, B * N, M=M, BACKWARD=backward,
+                                                 ACC=acc_triton_dtype(S.dtype), BLOCK_R=BLOCK_R,
+                                                 **launch_options(BLOCK_R))
     return out
 
 
@@ -224,12 +251,32 @@ def _fold_backward(P: Tensor, local: Tensor, lam_last: Tensor) -> Tensor:
     return _fold(P, local, lam_last, True)
 
 
-def _launch_setup(G: Tensor, M: int, W: int, NORM: int, T: int, R: int, chunk: Optional[int]):
-    K = triton.next_power_of_2(W)
-    BLOCK_R = block_rows(K, R)
-    L, C = pick_chunk(T, R, BLOCK_R, G.device, chunk)
-    grid, warps = grid_and_warps(R, C, BLOCK_R, K)
-    return K, BLOCK_R, L, C, grid, warps
+class Launch:
+    """What a launch of the scan kernels chooses for R rows of size M over T steps."""
+
+    def __init__(self, M: int, R: int, T: int, device: torch.device, chunk: Optional[int],
+                 companion: bool = False):
+        self.BLOCK_R = block_rows(R)
+        self.L, self.C = pick_chunk(T, R, self.BLOCK_R, device, chunk)
+        self.tiles = triton.cdiv(R, self.BLOCK_R)
+        self.NCOL = p_columns(M, companion)
+        self.opts = launch_options(self.BLOCK_R)
+
+    def grid(self, M: int, want_p: bool):
+        """Main and backward passes: (tiles, C); carry pass: the P column groups of a tile are
+        neighbours in the grid, so they read the same transitions from L2."""
+        groups = triton.cdiv(M, self.NCOL) if want_p else 1
+        return (self.tiles * groups, self.C)
+
+
+def scan_meta(M: int, W: int, NORM: int, reverse: bool, has_reset: bool, dt: torch.dtype, launch: Launch) -> dict:
+    """The constexprs every block / companion kernel of one scan shares (the AOT compile uses it too)."""
+    return dict(M=M, W=W, NORM=NORM, EPS=EPS, REVERSE=bool(reverse), HAS_RESET=bool(has_reset),
+                ACC=acc_triton_dtype(dt), BLOCK_R=launch.BLOCK_R)
+
+
+def _device(x: Tensor):
+    return torch.cuda.device(x.device) if x.is_cuda else _nullctx()
 
 
 class _BlockScanFn(torch.autograd.Function):
@@ -241,35 +288,34 @@ class _BlockScanFn(torch.autograd.Function):
         W = M + 1 if NORM else M
         R = B * N
         dt = acc_dtype(G, U, h0)
-        ACC = acc_triton_dtype(dt)
-        K, BLOCK_R, L, C, grid, warps = _launch_setup(G, M, W, NORM, T, R, chunk)
+        lc = Launch(M, R, T, G.device, chunk)
+        L, C = lc.L, lc.C
         G, U = G.contiguous(), U.contiguous()
         rst = reset.to(torch.int8).contiguous() if reset is not None else U
         h0c = h0.to(dt).contiguous() if h0 is not None else U.new_zeros(B, N, M, dtype=dt)
         h = U.new_empty(B, T, N, M, dtype=dt)
         last = U.new_empty(B, C, N, M, dtype=dt)
-        common = dict(M=M, W=W, K=K, NORM=NORM, EPS=EPS, REVERSE=bool(reverse), HAS_RESET=reset is not None,
-                      ACC=ACC, BLOCK_R=BLOCK_R, **warps)
-        dev = torch.cuda.device(G.device) if G.is_cuda else _nullctx()
-        with dev:
+        common = dict(scan_meta(M, W, NORM, reverse, reset is not None, dt, lc), **lc.opts)
+        with _device(G):
             if C == 1:
                 init, P = h0c[:, None], None
             else:
                 P = U.new_empty(B, C, N, M, M, dtype=dt)
                 zero = U.new_zeros(B, C, N, M, dtype=dt)
-                _block_fwd_kernel[grid](G, U, zero, h, last, P, rst, T, N, R, L, C,
-                                        STORE_H=False, WANT_P=True, **common)
+                _block_fwd_kernel[lc.grid(M, True)](G, U, zero, h, last, P, rst, T, N, R, L, C,
+                                                    STORE_H=False, WANT_P=True, NCOL=lc.NCOL, **common)
                 init = _fold_forward(P, last, h0c).contiguous()
-            _block_fwd_kernel[grid](G, U, init, h, last, h, rst, T, N, R, L, C,
-                                    STORE_H=True, WANT_P=False, **common)
+            _block_fwd_kernel[lc.grid(M, False)](G, U, init, h, last, h, rst, T, N, R, L, C,
+                                                 STORE_H=True, WANT_P=False, NCOL=1, **common)
         ctx.save_for_backward(G, U, h0, h, reset, P)
-        ctx.cfg = (reverse, NORM, L, C, grid, common, dt)
+        ctx.cfg = (lc, common, dt)
         return h, last[:, C - 1]
 
     @staticmethod
     def backward(ctx, dh, dlast):
         G, U, h0, h, reset, P = ctx.saved_tensors
-        reverse, NORM, L, C, grid, common, dt = ctx.cfg
+        lc, common, dt = ctx.cfg
+        L, C = lc.L, lc.C
         B, T, N, M = U.shape
         R = B * N
         dh = dh.to(dt).contiguous()
@@ -279,8 +325,8 @@ class _BlockScanFn(torch.autograd.Function):
         dG = torch.empty_like(G)
         dU = torch.empty_like(U)
         lamout = U.new_empty(B, C, N, M, dtype=dt)
-        dev = torch.cuda.device(G.device) if G.is_cuda else _nullctx()
-        with dev:
+        grid = lc.grid(M, False)
+        with _device(G):
             if C == 1:
                 lamin = dlast[:, None].contiguous()
             else:
@@ -359,14 +405,15 @@ def block_carry_triton(G: Tensor, U: Tensor, reverse: bool = False, reset: Optio
     W = M + 1 if NORM else M
     R = B * N
     dt = acc_dtype(G, U)
-    K, BLOCK_R, L, C, grid, warps = _launch_setup(G, M, W, NORM, T, R, T)
+    lc = Launch(M, R, T, G.device, T)
     G, U = G.detach().contiguous(), U.detach().contiguous()
     rst = reset.to(torch.int8).contiguous() if reset is not None else U
     P = U.new_empty(B, 1, N, M, M, dtype=dt)
     s = U.new_empty(B, 1, N, M, dtype=dt)
     zero = U.new_zeros(B, 1, N, M, dtype=dt)
-    with (torch.cuda.device(G.device) if G.is_cuda else _nullctx()):
-        _block_fwd_kernel[grid](G, U, zero, s, s, P, rst, T, N, R, L, C, M=M, W=W, K=K, NORM=NORM, EPS=EPS,
-                                REVERSE=bool(reverse), HAS_RESET=reset is not None, STORE_H=False,
-                                WANT_P=True, ACC=acc_triton_dtype(dt), BLOCK_R=BLOCK_R, **warps)
+    with _device(G):
+        _block_fwd_kernel[lc.grid(M, True)](G, U, zero, s, s, P, rst, T, N, R, lc.L, lc.C, STORE_H=False,
+                                            WANT_P=True, NCOL=lc.NCOL, **scan_meta(M, W, NORM, reverse,
+                                                                                 reset is not None, dt, lc),
+                                            **lc.opts)
     return P[:, 0], s[:, 0]

@@ -15,32 +15,33 @@ import triton
 import triton.language as tl
 
 from ..checks import acc_dtype, check_companion
-from ..gates import EPS, check_hlru
-from ._common import acc_triton_dtype, normalize, normalize_bwd, norm_code, scan_order_last_cut
-from .block import _fold_backward, _fold_forward, _launch_setup, _nullctx
+from ..gates import check_hlru
+from ._common import load_tuple, normalize, normalize_bwd, norm_code, scan_order_last_cut, store_tuple, tile_rows
+from .block import Launch, _device, _dot, _fold_backward, _fold_forward, scan_meta
 
 Tensor = torch.Tensor
 
 
 @triton.jit
-def _load_coeffs(G, X, tok, mg, rmask, k2, M: tl.constexpr, W: tl.constexpr, NORM: tl.constexpr,
-                 EPS: tl.constexpr, ACC: tl.constexpr):
-    """Coefficients a (R, K) (entries >= m are zero) and input x (R,) of one step."""
-    g = tl.load(G + tok[:, None] * W + k2, mask=mg, other=0.0).to(ACC)
+def _coeff_row(G, X, tok, rmask, M: tl.constexpr, W: tl.constexpr, NORM: tl.constexpr,
+               EPS: tl.constexpr, ACC: tl.constexpr):
+    """Coefficients a (tuple of M) and input x of one step of one row, plus what the backward
+    needs (logits g, v, a0, normalised P, s, S; unused when NORM = 0)."""
+    g = load_tuple(G, tok * W, rmask, W, ACC)
     v = tl.load(X + tok, mask=rmask, other=0.0).to(ACC)
     if NORM == 0:
         a = g
+        x = v
         a0 = v
         P = g
         s = g
-        S = g
-        x = v
+        S = v
     else:
-        # columns only: masked rows normalise finite zeros (no 0/0), then are masked away
-        P, s, S = normalize(g, k2 < W, 1, NORM, EPS)
-        P = tl.where(mg, P, 0.0)
-        a0 = tl.sum(tl.where(k2 == M, P, 0.0), axis=1)
-        a = tl.where(k2 < M, P, 0.0)
+        P, s, S = normalize(g, W, NORM, EPS)
+        a = ()
+        for j in tl.static_range(M):
+            a = a + (P[j],)
+        a0 = P[M]
         x = a0 * v
     return a, x, g, v, a0, P, s, S
 
@@ -48,25 +49,29 @@ def _load_coeffs(G, X, tok, mg, rmask, k2, M: tl.constexpr, W: tl.constexpr, NOR
 @triton.jit
 def _comp_fwd_kernel(G, X, INIT, Y, LAST, PROD, RST,
                      T, N, R, L, C,
-                     M: tl.constexpr, W: tl.constexpr, K: tl.constexpr, NORM: tl.constexpr,
+                     M: tl.constexpr, W: tl.constexpr, NORM: tl.constexpr,
                      EPS: tl.constexpr, REVERSE: tl.constexpr, HAS_RESET: tl.constexpr,
-                     STORE_Y: tl.constexpr, WANT_P: tl.constexpr, ACC: tl.constexpr,
+                     STORE_Y: tl.constexpr, WANT_P: tl.constexpr, NCOL: tl.constexpr, ACC: tl.constexpr,
                      BLOCK_R: tl.constexpr):
-    pid = tl.program_id(0)
+    """One chunk of y_t = a_t . s_{t-1} + x_t, s_t = (y_t, s_{t-1}[:-1]) per row; the shift is a
+    renaming of the state tuple. WANT_P: columns [grp * NCOL, +NCOL) of the chunk product."""
     c = tl.program_id(1)
-    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-    rmask = rows < R
-    b = (rows // N).to(tl.int64)
-    n = (rows % N).to(tl.int64)
-    ii = tl.arange(0, K)[None, :, None]
-    jj = tl.arange(0, K)[None, None, :]
-    k2 = tl.arange(0, K)[None, :]
-    m2 = rmask[:, None] & (k2 < M)
-    mg = rmask[:, None] & (k2 < W)
-    cid = (b * C + c) * N + n
-    st = tl.load(INIT + cid[:, None] * M + k2, mask=m2, other=0.0).to(ACC)
     if WANT_P:
-        Pacc = tl.where((ii == jj) & (ii < M), 1.0, 0.0).to(ACC) + tl.zeros([BLOCK_R, K, K], dtype=ACC)
+        NG: tl.constexpr = (M + NCOL - 1) // NCOL
+        grp = tl.program_id(0) % NG
+        tile = tl.program_id(0) // NG
+    else:
+        grp = 0
+        tile = tl.program_id(0)
+    rows, rmask, b, n = tile_rows(R, N, BLOCK_R, tile)
+    cid = (b * C + c) * N + n
+    st = load_tuple(INIT, cid * M, rmask, M, ACC)
+    if WANT_P:
+        k0 = grp * NCOL
+        Pt = ()  # Pt[j * NCOL + q] = P[j, k0 + q], starting from the identity
+        for j in tl.static_range(M):
+            for q in tl.static_range(NCOL):
+                Pt = Pt + (tl.zeros([BLOCK_R], dtype=ACC) + (k0 + q == j).to(ACC),)
     start = c * L
     end = tl.minimum(start + L, T)
     for step in range(start, end):
@@ -75,53 +80,82 @@ def _comp_fwd_kernel(G, X, INIT, Y, LAST, PROD, RST,
         else:
             t = step
         tok = (b * T + t) * N + n
-        a, x, g, v, a0, P, s, S = _load_coeffs(G, X, tok, mg, rmask, k2, M, W, NORM, EPS, ACC)
+        a, x, g, v, a0, P, s, S = _coeff_row(G, X, tok, rmask, M, W, NORM, EPS, ACC)
         if HAS_RESET:
             keep = tl.where(tl.load(RST + b * T + t, mask=rmask, other=0) != 0, 0.0, 1.0).to(ACC)
-            st = st * keep[:, None]
-        y = tl.sum(a * st, axis=1) + x
-        shifted = tl.sum(tl.where(ii == jj + 1, st[:, None, :], 0.0), axis=2)  # shifted[i] = st[i-1]
-        st = tl.where(k2 == 0, y[:, None], tl.where(k2 < M, shifted, 0.0))
+            cut = ()
+            for j in tl.static_range(M):
+                cut = cut + (st[j] * keep,)
+            st = cut
+        y = _dot(a, st, M) + x
+        nst = (y,)
+        for j in tl.static_range(M - 1):
+            nst = nst + (st[j],)
+        st = nst
         if STORE_Y:
             tl.store(Y + tok, y, mask=rmask)
         if WANT_P:
-            Cm = tl.where(ii == 0, a[:, None, :], tl.where((ii == jj + 1) & (ii < M), 1.0, 0.0))
-            if HAS_RESET:
-                Cm = Cm * keep[:, None, None]
-            new = tl.zeros([BLOCK_R, K, K], dtype=ACC)
-            for q in tl.static_range(K):
-                acol = tl.sum(tl.where(jj == q, Cm, 0.0), axis=2)
-                prow = tl.sum(tl.where(ii == q, Pacc, 0.0), axis=1)
-                new += acol[:, :, None] * prow[:, None, :]
-            Pacc = new
-    tl.store(LAST + cid[:, None] * M + k2, st, mask=m2)
+            # companion rows: row 0 = a . P, row i = P[i - 1] (times keep)
+            Pn = ()
+            for q in tl.static_range(NCOL):
+                pacc = a[0] * Pt[q]
+                for j in tl.static_range(1, M):
+                    pacc += a[j] * Pt[j * NCOL + q]
+                if HAS_RESET:
+                    pacc = pacc * keep
+                Pn = Pn + (pacc,)
+            for i in tl.static_range(1, M):
+                for q in tl.static_range(NCOL):
+                    if HAS_RESET:
+                        Pn = Pn + (Pt[(i - 1) * NCOL + q] * keep,)
+                    else:
+                        Pn = Pn + (Pt[(i - 1) * NCOL + q],)
+            Pt = Pn
+    store_tuple(LAST, cid * M, st, rmask & (rows * 0 + grp == 0), M)
     if WANT_P:
-        tl.store(PROD + cid[:, None, None] * (M * M) + ii * M + jj, Pacc,
-                 mask=rmask[:, None, None] & (ii < M) & (jj < M))
+        for j in tl.static_range(M):
+            for q in tl.static_range(NCOL):
+                tl.store(PROD + cid * (M * M) + j * M + k0 + q, Pt[j * NCOL + q], mask=rmask & (rows * 0 + k0 + q < M))
+
+
+@triton.jit
+def _y_at(Y, H0, rows, rmask, b, n, T, N, ys, M: tl.constexpr, REVERSE: tl.constexpr, HAS_H0: tl.constexpr,
+          ACC: tl.constexpr):
+    """y at scan step ys (a scalar) of every row; before the start (ys < 0) h0[-1 - ys], which is
+    zero without h0 or past m. Resets are applied by the caller."""
+    if REVERSE:
+        ty = T - 1 - ys
+    else:
+        ty = ys
+    inside = (rows * 0 + ys) >= 0  # tensors: scalar conditions in masks trip the interpreter
+    val = tl.load(Y + (b * T + ty) * N + n, mask=rmask & inside, other=0.0).to(ACC)
+    if HAS_H0:
+        j = rows * 0 - 1 - ys
+        hv = tl.load(H0 + (b * N + n) * M + j, mask=rmask & (j >= 0) & (j < M), other=0.0).to(ACC)
+        val = tl.where(inside, val, hv)
+    return val
 
 
 @triton.jit
 def _comp_bwd_kernel(G, X, Y, H0, LR, DY, LAMIN, DG, DX, LAMOUT, RST,
                      T, N, R, L, C,
-                     M: tl.constexpr, W: tl.constexpr, K: tl.constexpr, NORM: tl.constexpr,
+                     M: tl.constexpr, W: tl.constexpr, NORM: tl.constexpr,
                      EPS: tl.constexpr, REVERSE: tl.constexpr, HAS_RESET: tl.constexpr,
                      HAS_H0: tl.constexpr, CARRY_ONLY: tl.constexpr, ACC: tl.constexpr,
                      BLOCK_R: tl.constexpr):
-    pid = tl.program_id(0)
+    """One chunk of the adjoint lam_t = e_0 dy_t + C_{t+1}^T lam_{t+1} in reverse scan order, with
+    the coefficients' gradient lam_{t,0} s_{t-1}. The state s_{t-1} = (y_{t-1}, ..., y_{t-m}) is a
+    window over y slid one step per iteration: one load per step, not m."""
     c = tl.program_id(1)
-    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-    rmask = rows < R
-    b = (rows // N).to(tl.int64)
-    n = (rows % N).to(tl.int64)
-    ii = tl.arange(0, K)[None, :, None]
-    jj = tl.arange(0, K)[None, None, :]
-    k2 = tl.arange(0, K)[None, :]
-    m2 = rmask[:, None] & (k2 < M)
-    mg = rmask[:, None] & (k2 < W)
+    rows, rmask, b, n = tile_rows(R, N, BLOCK_R, tl.program_id(0))
     cid = (b * C + c) * N + n
-    carry = tl.load(LAMIN + cid[:, None] * M + k2, mask=m2, other=0.0).to(ACC)
+    carry = load_tuple(LAMIN, cid * M, rmask, M, ACC)
     start = c * L
     end = tl.minimum(start + L, T)
+    if not CARRY_ONLY:
+        win = ()  # win[k] = y at scan step step - 1 - k, before resets
+        for k in tl.static_range(M):
+            win = win + (_y_at(Y, H0, rows, rmask, b, n, T, N, end - 2 - k, M, REVERSE, HAS_H0, ACC),)
     for i in range(0, end - start):
         step = end - 1 - i
         if REVERSE:
@@ -129,42 +163,45 @@ def _comp_bwd_kernel(G, X, Y, H0, LR, DY, LAMIN, DG, DX, LAMOUT, RST,
         else:
             t = step
         tok = (b * T + t) * N + n
-        keep = tl.full([BLOCK_R], 1.0, ACC)
         if HAS_RESET:
             keep = tl.where(tl.load(RST + b * T + t, mask=rmask, other=0) != 0, 0.0, 1.0).to(ACC)
-        a, x, g, v, a0, P, s, S = _load_coeffs(G, X, tok, mg, rmask, k2, M, W, NORM, EPS, ACC)
-        lam0 = tl.load(DY + tok, mask=rmask, other=0.0).to(ACC) + tl.sum(tl.where(k2 == 0, carry, 0.0), axis=1)
-        lam = tl.where(k2 == 0, lam0[:, None], carry)
+        a, x, g, v, a0, P, s, S = _coeff_row(G, X, tok, rmask, M, W, NORM, EPS, ACC)
+        lam0 = tl.load(DY + tok, mask=rmask, other=0.0).to(ACC) + carry[0]
         if not CARRY_ONLY:
-            # The state entering this step, rebuilt from y: entry k is y at scan step step-1-k,
-            # zero before the last cut, h0[k - step] before the start.
-            lr = tl.full([BLOCK_R], -1, tl.int32)
+            # entries before the last cut are zero; h0 only counts while no cut came before
             if HAS_RESET:
                 lr = tl.load(LR + b * T + (step - 1), mask=rmask & ((rows * 0 + step) > 0), other=-1)
-            ys = step - 1 - k2
-            if REVERSE:
-                ty = T - 1 - ys
-            else:
-                ty = ys
-            vy = m2 & (ys >= 0) & (ys >= lr[:, None])
-            q = tl.load(Y + (b * T)[:, None] * N + ty * N + n[:, None], mask=vy, other=0.0).to(ACC)
-            if HAS_H0:
-                vh = m2 & (ys < 0) & (lr[:, None] < 0)
-                q += tl.load(H0 + (b * N + n)[:, None] * M + (k2 - step), mask=vh, other=0.0).to(ACC)
-            q = q * keep[:, None]
-            da = lam0[:, None] * q
+            da = ()
+            for k in tl.static_range(M):
+                if HAS_RESET:
+                    ys = rows * 0 + (step - 1 - k)
+                    qk = tl.where((ys >= lr) | (lr < 0), win[k], 0.0) * keep
+                else:
+                    qk = win[k]
+                da = da + (lam0 * qk,)
             if NORM == 0:
-                tl.store(DG + tok[:, None] * W + k2, da, mask=mg)
+                store_tuple(DG, tok * W, da, rmask, M)
                 tl.store(DX + tok, lam0, mask=rmask)
             else:
-                dP = tl.where(k2 < M, da, 0.0) + tl.where(k2 == M, (lam0 * v)[:, None], 0.0)
-                dg = normalize_bwd(dP, P, s, S, g, 1, NORM)
-                tl.store(DG + tok[:, None] * W + k2, dg, mask=mg)
+                dg = normalize_bwd(da + (lam0 * v,), P, s, S, g, W, NORM)
+                store_tuple(DG, tok * W, dg, rmask, W)
                 tl.store(DX + tok, lam0 * a0, mask=rmask)
-        # C_t^T lam: (C^T lam)_j = a_j lam_0 + lam_{j+1}
-        up = tl.sum(tl.where(jj == ii + 1, lam[:, None, :], 0.0), axis=2)
-        carry = (a * lam0[:, None] + tl.where(k2 < M, up, 0.0)) * keep[:, None]
-    tl.store(LAMOUT + cid[:, None] * M + k2, carry, mask=m2)
+            nw = ()
+            for k in tl.static_range(M - 1):
+                nw = nw + (win[k + 1],)
+            win = nw + (_y_at(Y, H0, rows, rmask, b, n, T, N, step - 1 - M, M, REVERSE, HAS_H0, ACC),)
+        # C_t^T lam: (C^T lam)_j = a_j lam_0 + lam_{j+1}, lam_k = carry_k for k >= 1
+        cn = ()
+        for j in tl.static_range(M):
+            if j + 1 < M:
+                e = a[j] * lam0 + carry[j + 1]
+            else:
+                e = a[j] * lam0
+            if HAS_RESET:
+                e = e * keep
+            cn = cn + (e,)
+        carry = cn
+    store_tuple(LAMOUT, cid * M, carry, rmask, M)
 
 
 class _CompanionFn(torch.autograd.Function):
@@ -177,33 +214,34 @@ class _CompanionFn(torch.autograd.Function):
         M = W - 1 if NORM else W
         R = B * N
         dt = acc_dtype(G, X, h0)
-        K, BLOCK_R, L, C, grid, warps = _launch_setup(G, M, W, NORM, T, R, chunk)
+        lc = Launch(M, R, T, G.device, chunk, companion=True)
+        L, C = lc.L, lc.C
         G, X = G.contiguous(), X.contiguous()
         rst = reset.to(torch.int8).contiguous() if reset is not None else X
         h0c = h0.to(dt).contiguous() if h0 is not None else X.new_zeros(B, N, M, dtype=dt)
         y = X.new_empty(B, T, N, dtype=dt)
         last = X.new_empty(B, C, N, M, dtype=dt)
-        common = dict(M=M, W=W, K=K, NORM=NORM, EPS=EPS, REVERSE=bool(reverse), HAS_RESET=reset is not None,
-                      ACC=acc_triton_dtype(dt), BLOCK_R=BLOCK_R, **warps)
-        with (torch.cuda.device(G.device) if G.is_cuda else _nullctx()):
+        common = dict(scan_meta(M, W, NORM, reverse, reset is not None, dt, lc), **lc.opts)
+        with _device(G):
             if C == 1:
                 init, P = h0c[:, None], None
             else:
                 P = X.new_empty(B, C, N, M, M, dtype=dt)
                 zero = X.new_zeros(B, C, N, M, dtype=dt)
-                _comp_fwd_kernel[grid](G, X, zero, y, last, P, rst, T, N, R, L, C,
-                                       STORE_Y=False, WANT_P=True, **common)
+                _comp_fwd_kernel[lc.grid(M, True)](G, X, zero, y, last, P, rst, T, N, R, L, C,
+                                                   STORE_Y=False, WANT_P=True, NCOL=lc.NCOL, **common)
                 init = _fold_forward(P, last, h0c).contiguous()
-            _comp_fwd_kernel[grid](G, X, init, y, last, y, rst, T, N, R, L, C,
-                                   STORE_Y=True, WANT_P=False, **common)
+            _comp_fwd_kernel[lc.grid(M, False)](G, X, init, y, last, y, rst, T, N, R, L, C,
+                                                STORE_Y=True, WANT_P=False, NCOL=1, **common)
         ctx.save_for_backward(G, X, h0, y, reset, P)
-        ctx.cfg = (reverse, L, C, grid, common, dt)
+        ctx.cfg = (reverse, lc, common, dt)
         return y, last[:, C - 1]
 
     @staticmethod
     def backward(ctx, dy, dlast):
         G, X, h0, y, reset, P = ctx.saved_tensors
-        reverse, L, C, grid, common, dt = ctx.cfg
+        reverse, lc, common, dt = ctx.cfg
+        L, C, grid = lc.L, lc.C, lc.grid(common["M"], False)
         B, T, N = X.shape
         M = common["M"]
         R = B * N
@@ -215,7 +253,7 @@ class _CompanionFn(torch.autograd.Function):
         dX = torch.empty_like(X)
         lamout = X.new_empty(B, C, N, M, dtype=dt)
         args = (G, X, y, h0c, lr, dy)
-        with (torch.cuda.device(G.device) if G.is_cuda else _nullctx()):
+        with _device(G):
             if C == 1:
                 lamin = dlast.to(dt)[:, None].contiguous()
             else:
@@ -271,14 +309,15 @@ def companion_carry_triton(G: Tensor, X: Tensor, reverse: bool = False, reset: O
     M = W - 1 if NORM else W
     R = B * N
     dt = acc_dtype(G, X)
-    K, BLOCK_R, L, C, grid, warps = _launch_setup(G, M, W, NORM, T, R, T)
+    lc = Launch(M, R, T, G.device, T, companion=True)
     G, X = G.detach().contiguous(), X.detach().contiguous()
     rst = reset.to(torch.int8).contiguous() if reset is not None else X
     P = X.new_empty(B, 1, N, M, M, dtype=dt)
     s = X.new_empty(B, 1, N, M, dtype=dt)
     zero = X.new_zeros(B, 1, N, M, dtype=dt)
-    with (torch.cuda.device(G.device) if G.is_cuda else _nullctx()):
-        _comp_fwd_kernel[grid](G, X, zero, s, s, P, rst, T, N, R, L, C, M=M, W=W, K=K, NORM=NORM, EPS=EPS,
-                               REVERSE=bool(reverse), HAS_RESET=reset is not None, STORE_Y=False,
-                               WANT_P=True, ACC=acc_triton_dtype(dt), BLOCK_R=BLOCK_R, **warps)
+    with _device(G):
+        _comp_fwd_kernel[lc.grid(M, True)](G, X, zero, s, s, P, rst, T, N, R, lc.L, lc.C, STORE_Y=False,
+                                           WANT_P=True, NCOL=lc.NCOL, **scan_meta(M, W, NORM, reverse,
+                                                                                reset is not None, dt, lc),
+                                           **lc.opts)
     return P[:, 0], s[:, 0]

@@ -137,6 +137,27 @@ def test_largest_blocks(reverse):
 
 
 @pytest.mark.parametrize("reverse", [False, True])
+def test_carry_pass_column_groups(reverse):
+    """m = 8: the chunk product's columns are split over two programs (p_columns), for the
+    companion scan's two-level form and the block carry of a whole slice."""
+    from llm_lru.kernels.triton._common import p_columns
+    assert p_columns(8) < 8
+    g = torch.Generator().manual_seed(6)
+    B, T, N, m = 1, 7, 2, 8
+    reset = torch.rand(B, T, generator=g) < 0.2
+    a, x = torch.randn(B, T, N, m, generator=g) / m, torch.randn(B, T, N, generator=g)
+    h0 = torch.randn(B, N, m, generator=g)
+    _grads_match(lambda a, x, h0, r: companion_scan_triton(a, x, h0, reverse, r, chunk=3),
+                 lambda a, x, h0, r: companion_scan_ref(a, x, h0, reverse, r), [a, x, h0, reset], torch.float32,
+                 TOL[torch.float32])
+    A, u = torch.randn(B, T, N, m, m, generator=g) / m, torch.randn(B, T, N, m, generator=g)
+    P, s = block_carry_triton(A, u, reverse, reset)
+    Ac = A.double() * (~reset).double()[:, :, None, None, None]
+    torch.testing.assert_close(P.double(), block_product_ref(Ac, reverse), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(s.double(), block_scan_ref(Ac, u.double(), None, reverse)[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
 def test_slice_carries(reverse):
     """(P, s) of a slice: P is the product of the (cut) transitions, s the state from zero, and
     h_last(h0) = P h0 + s -- the quantity sequence parallelism exchanges."""
