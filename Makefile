@@ -18,7 +18,7 @@ export TOKENIZERS_PARALLELISM ?= false
 # Package folders: adding or removing a module re-links the strict editable install.
 PKG_DIRS := $(shell find llm_lru kernels data_prep eval -type d -not -name __pycache__)
 
-.PHONY: setup lock test test-slow test-latest demo bench clean gpu-wheels
+.PHONY: setup lock test test-slow test-aot test-latest demo bench clean gpu-wheels
 
 # The locked dependencies, exactly: --no-deps so that nothing outside the lock is pulled in.
 $(VENV)/.deps: $(LOCK)
@@ -49,6 +49,10 @@ test: setup
 
 test-slow: setup
 	$(PYTHON) -m pytest -q -m slow
+
+# The full AOT grid of the Triton kernels (python -m llm_lru.kernels.triton.aot --full).
+test-aot: setup
+	$(PYTHON) -m pytest -q -m aot_full
 
 # The newest releases that pyproject.toml allows (CPU torch 2.13.0 kept, for the same reason as
 # requirements.in), in a separate venv, through make test's suite: finds a break before a user

@@ -86,9 +86,10 @@ def test_compile_subset_meets_targets(tmp_path):
         assert int(r["spill_bytes"]) == 0 and int(r["loop_shuffles"]) == 0 and int(r["loop_barriers"]) == 0, r
 
 
-@pytest.mark.slow
+@pytest.mark.aot_full
 def test_full_grid_compiles(tmp_path):
-    """Every launchable variant for sm_80 and sm_90 (thousands of compiles: give it cores)."""
+    """Every launchable variant for sm_80 and sm_90 (thousands of compiles: hours on 2 cores, so
+    `make test-aot` runs it rather than `make test-slow`; give it cores)."""
     proc, rows = _run_aot(tmp_path, "--full", "--jobs", str(os.cpu_count() or 1))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert len(rows) == 2 * len(aot.variants(True)) and all(r["ok"] == "True" for r in rows)
