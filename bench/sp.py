@@ -4,8 +4,8 @@
                                  [--modes independent,allgather,ring,...] [--name sp] [--rounds 3]
 
 Baseline: sp = 1 (one process, the unsplit model) measured in the same run. For sp = 2 and 4:
-the all-gather carry, the ring carry, the all-gather carry with the slice's scan recomputed in
-backward (recompute=True), all three as in training (final_state=False), and the ring carry
+the all-gather carry, the ring carry, the all-gather carry under activation checkpointing
+(every block recomputed in backward), all three as in training (final_state=False), and the ring carry
 that also serves the sequence's final state (final_state=True: a broadcast per layer, which
 stops the ranks from pipelining). One thread per rank (torch.set_num_threads(1)); gloo.
 Per rank, for one forward + backward of the tiny model on one sequence of --tokens tokens:
@@ -70,7 +70,7 @@ class _Counter:
     def __init__(self):
         import llm_lru.parallel.scan as S
         self.bytes, self.calls, self.S = 0, 0, S
-        for name in ("all_gather", "all_reduce", "send", "recv", "broadcast"):
+        for name in ("all_gather", "all_reduce", "send", "send_async", "recv", "broadcast"):
             setattr(S, name, self._wrap(getattr(S, name)))
         call = S.SPScan.__call__
 
@@ -88,10 +88,10 @@ class _Counter:
         return wrapped
 
 
-def _worker(rank, world, cfg_kw, tokens, steps, carry, recompute, final_state):
+def _worker(rank, world, cfg_kw, tokens, steps, carry, checkpointed, final_state):
     import torch.distributed as dist
 
-    from llm_lru.config import ModelConfig
+    from llm_lru.config import ModelConfig, ParallelConfig
     from llm_lru.models import HybridLM
     from llm_lru.parallel import build_mesh, parallelize, sp_dp_loss
 
@@ -102,7 +102,8 @@ def _worker(rank, world, cfg_kw, tokens, steps, carry, recompute, final_state):
     model = HybridLM(ModelConfig(**cfg_kw))
     independent = carry == "independent"  # the machine's ceiling: no SP, no exchange, same slice sizes
     if not independent:
-        model = parallelize(model, mesh, carry, final_state=final_state, recompute=recompute)
+        model = parallelize(model, mesh, ParallelConfig(carry=carry), activation_checkpointing=checkpointed,
+                            final_state=final_state)
     ids, labels, docs = batch(cfg_kw, tokens)
     t_local = mesh.check_length(tokens, "--tokens")
     ids, labels, docs = mesh.local_slice(ids), mesh.local_slice(labels), mesh.local_slice(docs)
@@ -142,20 +143,20 @@ def _worker(rank, world, cfg_kw, tokens, steps, carry, recompute, final_state):
                 scans=scans, act_layer=t_local * cfg_kw["d_model"] * 4)
 
 
-# name -> (carry, recompute, final_state); training needs no final state (final_state=False).
+# name -> (carry, activation checkpointing, final_state); training needs no final state (final_state=False).
 # "independent": sp processes each train the unsplit model on their T/sp tokens with no exchange
 # at all, started together: the most any SP scheme can reach on this machine (shared caches and
 # memory bandwidth slow concurrent processes down), the ceiling the SP rows are read against.
 MODES = {"independent": ("independent", False, False), "allgather": ("allgather", False, False),
-         "ring": ("ring", False, False), "allgather+recompute": ("allgather", True, False),
+         "ring": ("ring", False, False), "allgather+ckpt": ("allgather", True, False),
          "ring+final_state": ("ring", False, True)}
 
 
-def _measure(sp, carry, recompute, final_state, tokens, steps, cfg_kw) -> dict:
+def _measure(sp, carry, checkpointed, final_state, tokens, steps, cfg_kw) -> dict:
     t0 = time.time()
-    per_rank = run_world(_worker, sp, cfg_kw, tokens, steps, carry if sp > 1 else "allgather", recompute,
+    per_rank = run_world(_worker, sp, cfg_kw, tokens, steps, carry if sp > 1 else "allgather", checkpointed,
                          final_state, timeout=1800)
-    name = carry + ("+recompute" if recompute else "") + ("+final_state" if final_state else "")
+    name = carry + ("+ckpt" if checkpointed else "") + ("+final_state" if final_state else "")
     row = dict(sp=sp, carry=name, loss=per_rank[0]["loss"],
                held_mb=max(r["held"] for r in per_rank) / 2**20,
                peak_mb=max(r["peak"] for r in per_rank) / 2**20,

@@ -40,7 +40,7 @@ VARIANTS = ("sp1", "independent", "ring", "allgather")
 def _worker(rank, world, cfg_kw, tokens, cycles):
     import torch.distributed as dist
 
-    from llm_lru.config import ModelConfig
+    from llm_lru.config import ModelConfig, ParallelConfig
     from llm_lru.models import HybridLM
     from llm_lru.parallel import build_mesh, parallelize, sp_dp_loss
 
@@ -52,8 +52,8 @@ def _worker(rank, world, cfg_kw, tokens, cycles):
         return HybridLM(ModelConfig(**cfg_kw))
 
     models = {"sp1": fresh(), "independent": fresh(),
-              "ring": parallelize(fresh(), mesh, "ring", final_state=False),
-              "allgather": parallelize(fresh(), mesh, "allgather", final_state=False)}
+              "ring": parallelize(fresh(), mesh, ParallelConfig(carry="ring"), final_state=False),
+              "allgather": parallelize(fresh(), mesh, ParallelConfig(carry="allgather"), final_state=False)}
     ids, labels, docs = batch(cfg_kw, tokens)
     t_local = mesh.check_length(tokens, "--tokens")
     local = [mesh.local_slice(x) for x in (ids, labels, docs)]

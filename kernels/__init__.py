@@ -4,7 +4,10 @@
       A: (B, T, N, m, m)  u: (B, T, N, m)  h0: (B, N, m) or None  ->  h: (B, T, N, m), h_last: (B, N, m)
 
 `diag_scan` (m = 1) and `companion_scan` (H-LRU) keep the same h0 / h_last / reverse semantics.
-The ops in `ops` (BLOCK, DIAG, COMPANION) are what the model's mixers call.
+The model's mixers call ScanOps, never these functions: LRU and BLUR `ops.BLOCK`, GLRU `ops.DIAG`,
+BD-LRU and H-LRU `gated.GatedBlockScan` / `gated.GatedCompanionScan` (gate logits in; they run
+BLOCK / COMPANION, or the fused Triton kernels). Each op also splits into the two explicit
+halves that sequence parallelism needs (`op.local(...)` / `part.finish(h0)`, see ops.py).
 """
 from __future__ import annotations
 

@@ -48,6 +48,13 @@ class _GatedScan(ScanOp):
         trans, a0 = self.split(logits)
         return self.inner, trans, a0 * v.to(a0.dtype)
 
+    def local(self, logits, v, reverse=False, reset=None):
+        """The split scan (ops module doc); on Triton the fused kernels' native split, the gates
+        normalised in registers in every pass."""
+        if _use_triton(logits):
+            return self.fused_local(logits, v, reverse, transition_mask(reset, reverse), norm=self.norm, op=self)
+        return super().local(logits, v, reverse, reset)
+
     def product(self, logits, reverse=False, reset=None):
         return self.inner.product(self.split(logits)[0], reverse, reset)
 
@@ -85,6 +92,11 @@ class GatedBlockScan(_GatedScan):
         from .triton import block_carry_triton
         return block_carry_triton(*args, **kw)
 
+    @staticmethod
+    def fused_local(*args, **kw):
+        from .triton.local import block_local_triton
+        return block_local_triton(*args, **kw)
+
 
 class GatedCompanionScan(_GatedScan):
     """H-LRU. trans = gate logits (B, T, N, m+1), u = values v (B, T, N); state (B, N, m).
@@ -105,3 +117,8 @@ class GatedCompanionScan(_GatedScan):
     def fused_carry(*args, **kw):
         from .triton import companion_carry_triton
         return companion_carry_triton(*args, **kw)
+
+    @staticmethod
+    def fused_local(*args, **kw):
+        from .triton.local import companion_local_triton
+        return companion_local_triton(*args, **kw)

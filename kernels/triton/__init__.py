@@ -8,6 +8,8 @@
 
     block_carry_triton(G, U, reverse, reset, norm) / companion_carry_triton(...) -> (P, s)
       the carry of a whole slice, h_last(h0) = P h0 + s: what sequence parallelism exchanges.
+    block_local_triton / diag_local_triton / companion_local_triton(...) -> ops.LocalScan
+      the split-phase scan (local.py): the kernels' pass 1 before the carry, fold + pass 2 after.
 
 reset (B, T) bool is a per-step cut: reset[b, t] zeroes A_t, as in companion_scan_ref (block_scan
 has no reset: pass A_t = 0). Document starts become cuts through ops.transition_mask (in reverse
@@ -23,6 +25,8 @@ The PyTorch reference of the fused gates is llm_lru.kernels.gates (no triton imp
 """
 from .block import bdlru_scan_triton, block_carry_triton, block_scan_triton, diag_scan_triton
 from .companion import companion_carry_triton, companion_scan_triton, hlru_scan_triton
+from .local import block_local_triton, companion_local_triton, diag_local_triton
 
 __all__ = ["block_scan_triton", "diag_scan_triton", "companion_scan_triton", "bdlru_scan_triton",
-           "hlru_scan_triton", "block_carry_triton", "companion_carry_triton"]
+           "hlru_scan_triton", "block_carry_triton", "companion_carry_triton",
+           "block_local_triton", "diag_local_triton", "companion_local_triton"]

@@ -1,14 +1,15 @@
 """Collectives for sequence parallelism, with their autograd written out.
 
 Only operations that gloo and NCCL both have: all_gather_single and reduce_scatter_single
-(all_gather_into_tensor / reduce_scatter_tensor on older torch), all_reduce, broadcast, blocking
-send / recv, and isend whose completion is always waited for before the step ends (`send_async` /
-`wait_sends`; FACTS.md: batch_isend_irecv followed by destroy_process_group aborted at exit on
-gloo, so it is not used). Group-local ranks everywhere.
+(all_gather_into_tensor / reduce_scatter_tensor on older torch), all_to_all_single (uneven splits
+work on gloo too), all_reduce, broadcast, blocking send / recv, and isend whose completion is
+always waited for before the step ends (`send_async` / `wait_sends`; batch_isend_irecv is not
+used: followed by destroy_process_group it aborted at exit on gloo in 2 of 4 runs). Group-local
+ranks everywhere.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, List
 
 import torch
 import torch.distributed as dist
@@ -104,3 +105,31 @@ class _GatherFn(torch.autograd.Function):
 def gather_autograd(x: Tensor, group: Any) -> Tensor:
     """Differentiable all_gather: (...) -> (K, ...); every rank's copy feeds back to its owner."""
     return _GatherFn.apply(x, group)
+
+
+def all_to_all(x: Tensor, send_rows: List[int], recv_rows: List[int], group: Any) -> Tensor:
+    """Rows of x (dim 0) to every rank: the first send_rows[0] rows go to group rank 0, the next
+    send_rows[1] to rank 1, ...; returns the rows received, recv_rows[j] of them from rank j, in
+    rank order. The splits must match across ranks. Not differentiable."""
+    x = x.contiguous()
+    out = x.new_empty(sum(recv_rows), *x.shape[1:])
+    dist.all_to_all_single(out, x, list(recv_rows), list(send_rows), group=group)
+    return out
+
+
+class _AllToAllFn(torch.autograd.Function):
+    """all_to_all forward; backward: the mirrored exchange (each row's gradient back to its sender)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, send_rows: List[int], recv_rows: List[int], group: Any) -> Tensor:
+        ctx.send_rows, ctx.recv_rows, ctx.group = send_rows, recv_rows, group
+        return all_to_all(x, send_rows, recv_rows, group)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        return all_to_all(g, ctx.recv_rows, ctx.send_rows, ctx.group), None, None, None
+
+
+def all_to_all_autograd(x: Tensor, send_rows: List[int], recv_rows: List[int], group: Any) -> Tensor:
+    """Differentiable `all_to_all`: the gradient of every received row goes back to the rank that sent it."""
+    return _AllToAllFn.apply(x, send_rows, recv_rows, group)

@@ -3,16 +3,18 @@
 Ranks of one SP group are contiguous and hold consecutive slices of the same sequences:
     rank = dp_rank * sp + sp_rank
 so SP group i is ranks [i*sp, (i+1)*sp) and DP group j is ranks {j, j+sp, j+2*sp, ...}.
-Built on torch's DeviceMesh (works on gloo and NCCL alike); a single process without a process
-group gets a mesh of one (no groups, every collective in llm_lru.parallel is skipped).
+Parameters are replicated over the whole world and DeepSpeed averages over all of it (DESIGN.md
+§4), so the mesh needs process groups for SP only; a single process without a process group gets
+a mesh of one (no groups, every collective in llm_lru.parallel is skipped).
 
-    mesh = init_mesh(cfg.parallel)         # joins / starts torch.distributed when needed
+    mesh = init_mesh(cfg.parallel)         # THE seam: starts or joins torch.distributed, builds the groups
     mesh.sp_group, mesh.sp_rank, mesh.pos_offset(T_local)
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any, List, Optional
 
 import torch
@@ -34,9 +36,9 @@ def resolve_backend(backend: str = "auto") -> str:
 class Mesh:
     """Who this process is in the dp x sp world, and the process groups to talk to its peers.
 
-    sp_group / dp_group are None in a world of one; sp_ranks / dp_ranks are global ranks in
-    group order (sp_ranks[i] holds slice i of this SP group's sequences); world_group is the
-    group of the whole mesh (None: the default group).
+    sp_group is None in a world of one; sp_ranks are global ranks in group order (sp_ranks[i]
+    holds slice i of this SP group's sequences); world_group is the group of the whole mesh
+    (None: the default group).
     """
 
     world_size: int = 1
@@ -45,10 +47,7 @@ class Mesh:
     sp: int = 1
     backend: str = "none"
     sp_group: Optional[Any] = None
-    dp_group: Optional[Any] = None
     sp_ranks: List[int] = field(default_factory=lambda: [0])
-    dp_ranks: List[int] = field(default_factory=lambda: [0])
-    device_mesh: Optional[Any] = None
     world_group: Optional[Any] = None
 
     @property
@@ -90,7 +89,9 @@ def single_mesh() -> Mesh:
 
 
 def build_mesh(sp: int = 1) -> Mesh:
-    """The dp x sp mesh over the already initialised default process group (or a mesh of one)."""
+    """The dp x sp mesh over the already initialised default process group (or a mesh of one).
+
+    Every rank must call it (each SP group is created on every rank, as torch requires)."""
     if sp < 1:
         raise ValueError(f"parallel.sp: must be >= 1, got {sp}")
     if not (dist.is_available() and dist.is_initialized()):
@@ -101,32 +102,62 @@ def build_mesh(sp: int = 1) -> Mesh:
     world, rank = dist.get_world_size(), dist.get_rank()
     if world % sp:
         raise ValueError(f"parallel.sp: {sp} does not divide the world size {world}")
-    dp = world // sp
     backend = str(dist.get_backend())
     if world == 1:
         return Mesh(backend=backend)
-    from torch.distributed.device_mesh import init_device_mesh
-    device_type = "cuda" if backend == "nccl" else "cpu"
-    # Row-major (dp, sp): the sp dimension varies fastest, so SP groups are contiguous ranks.
-    dm = init_device_mesh(device_type, (dp, sp), mesh_dim_names=("dp", "sp"))
-    sp_group, dp_group = dm.get_group("sp"), dm.get_group("dp")
-    return Mesh(world_size=world, rank=rank, dp=dp, sp=sp, backend=backend,
-                sp_group=sp_group, dp_group=dp_group,
-                sp_ranks=dist.get_process_group_ranks(sp_group),
-                dp_ranks=dist.get_process_group_ranks(dp_group), device_mesh=dm)
+    sp_group = None
+    for first in range(0, world, sp):
+        ranks = list(range(first, first + sp))
+        group = dist.new_group(ranks)
+        if rank in ranks:
+            sp_group, sp_ranks = group, ranks
+    return Mesh(world_size=world, rank=rank, dp=world // sp, sp=sp, backend=backend, sp_group=sp_group,
+                sp_ranks=sp_ranks)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _init_elastic_attempt(backend: str) -> None:
+    """Start the process group on a store namespace of this restart attempt.
+
+    torchrun's agent keeps one rendezvous store across restarts; the keys a killed attempt
+    wrote (its ranks' gloo addresses) are still there, and a restarted rank could read them and
+    dial a dead peer ("connectFullMesh ... Connection refused"). A prefix per attempt avoids it.
+    """
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=(not agent_hosts_store and rank == 0), timeout=timedelta(minutes=30))
+    store = dist.PrefixStore(f"llm_lru/attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world)
 
 
 def init_mesh(parallel_cfg: Any = None, sp: Optional[int] = None, backend: Optional[str] = None) -> Mesh:
-    """Join (or start) torch.distributed and build the mesh from `parallel` config keys.
+    """Start or join torch.distributed and build the mesh: the one place that does either.
 
     parallel_cfg: llm_lru.config.ParallelConfig (uses .sp and .backend) or None; sp / backend
-    override it. Starts the default process group from the torchrun/SLURM environment when
-    WORLD_SIZE > 1 and none exists yet (on CUDA, sets the device from LOCAL_RANK first).
+    override it. Under torchrun or srun it joins the job from the environment (RANK, WORLD_SIZE,
+    MASTER_ADDR, MASTER_PORT; under torchelastic on a store namespace per restart attempt);
+    alone it starts a world of one on a free localhost port (DeepSpeed needs a process group
+    even then); an already initialised default group is joined as it is. On CUDA it first sets
+    the device from LOCAL_RANK.
     """
     sp = sp if sp is not None else getattr(parallel_cfg, "sp", 1)
     backend = resolve_backend(backend if backend is not None else getattr(parallel_cfg, "backend", "auto"))
-    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        if backend == "nccl":
+    if not dist.is_initialized():
+        if "WORLD_SIZE" not in os.environ:
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend)
+        if "TORCHELASTIC_RESTART_COUNT" in os.environ:
+            _init_elastic_attempt(backend)
+        else:
+            dist.init_process_group(backend, timeout=timedelta(minutes=30))
     return build_mesh(sp)

@@ -1,20 +1,28 @@
-"""Apply sequence parallelism to a model, torchtitan style: the model never imports this package.
+"""Apply parallelism to a model from outside it, torchtitan style: the model never imports this package.
 
-    model = parallelize(HybridLM(cfg.model), mesh, carry=cfg.parallel.carry)
+    mesh = init_mesh(cfg.parallel)
+    model = parallelize(HybridLM(cfg.model), mesh, cfg.parallel,
+                        activation_checkpointing=cfg.train.activation_checkpointing)
 
-Every module with a ScanOp attribute `scan` (the recurrent mixers) gets an SPScan over the mesh's
-SP group, and every module with an `attend` function (the attention mixers) an SPAttention
-(and its `extend_cache` KV-cache seam, where it has one, an SPCache).
-The caller then feeds each rank its slice and pos_offset = mesh.pos_offset(T_local).
+One concern per function, in place, each a no-op where it has nothing to do:
+- `apply_sp`: every module with a ScanOp attribute `scan` (the recurrent mixers) gets an SPScan
+  over the mesh's SP group, every module with an `attend` function (the attention mixers) an
+  SPAttention (and its `extend_cache` KV-cache seam, where it has one, an SPCache). The caller
+  then feeds each rank its slice and pos_offset = mesh.pos_offset(T_local).
+- `apply_activation_checkpointing`: each block of `model.layers` recomputes its forward in
+  backward.
 
     with unsplit(model): ...   # work every rank repeats whole (one-token decoding): sp = 1 seams
 """
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
-from typing import Dict, Iterator, Optional
+from typing import Any, Dict, Iterator
 
+import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 
 from llm_lru.kernels.ops import ScanOp
 
@@ -23,14 +31,25 @@ from .mesh import Mesh
 from .scan import CARRIES, SPScan
 
 
-def parallelize(model: nn.Module, mesh: Mesh, carry: str = "allgather", final_state: bool = True,
-                recompute: Optional[bool] = None) -> nn.Module:
-    """Swap the scan / attend seams of `model` (in place) for their SP versions; returns the model.
+def parallelize(model: nn.Module, mesh: Mesh, parallel: Any = None, activation_checkpointing: bool = False,
+                final_state: bool = True) -> nn.Module:
+    """Sequence parallelism over `mesh` and, if asked, activation checkpointing; returns the model.
+
+    parallel: the run config's `parallel` section (its `carry`) or None (the all-gather carry).
+    final_state=False suits training, where the recurrent states after the sequence are not used
+    (see SPScan); keep True for chunked prefill / return_state.
+    """
+    apply_sp(model, mesh, getattr(parallel, "carry", "allgather"), final_state)
+    if activation_checkpointing:
+        apply_activation_checkpointing(model)
+    return model
+
+
+def apply_sp(model: nn.Module, mesh: Mesh, carry: str = "allgather", final_state: bool = True) -> nn.Module:
+    """Swap the scan / attend seams of `model` (in place) for their SP versions over mesh.sp_group.
 
     A mesh with sp = 1 leaves the model untouched. Calling it twice is harmless (already
-    wrapped seams are rebound to this mesh rather than wrapped again). final_state=False suits
-    training, where the recurrent states after the sequence are not used (see SPScan); keep
-    True for chunked prefill / return_state. recompute: see SPScan.
+    wrapped seams are rebound to this mesh rather than wrapped again).
     """
     if carry not in CARRIES:
         raise ValueError(f"parallel.carry: must be one of {', '.join(CARRIES)}, got '{carry}'")
@@ -41,7 +60,7 @@ def parallelize(model: nn.Module, mesh: Mesh, carry: str = "allgather", final_st
         if isinstance(scan, SPScan):
             scan = scan.inner
         if isinstance(scan, ScanOp):
-            setattr(module, "scan", SPScan(scan, mesh.sp_group, carry, recompute, final_state))
+            setattr(module, "scan", SPScan(scan, mesh.sp_group, carry, final_state))
         attend = getattr(module, "attend", None)
         if isinstance(attend, SPAttention):
             attend = attend.inner
@@ -53,6 +72,31 @@ def parallelize(model: nn.Module, mesh: Mesh, carry: str = "allgather", final_st
             if cache is not None and callable(cache):
                 setattr(module, "extend_cache", SPCache(cache, mesh.sp_group))
     return model
+
+
+def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
+    """Recompute each block of `model.layers` in the backward pass (non-reentrant checkpointing).
+
+    The block's forward is wrapped in place, so parameter names stay unchanged (checkpoints and
+    exports see the same state dict); without autograd (evaluation, generation) it runs as it is.
+    Calling it twice wraps once.
+    """
+    layers = getattr(model, "layers", None)
+    if layers is None:
+        raise TypeError("train.activation_checkpointing: the model has no `layers` to checkpoint")
+    for block in layers:
+        if "forward" not in block.__dict__:
+            block.forward = _checkpointed(block.forward)
+    return model
+
+
+def _checkpointed(forward):
+    @functools.wraps(forward)
+    def run(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return run
 
 
 _WRAPPERS = {"scan": SPScan, "attend": SPAttention, "extend_cache": SPCache}

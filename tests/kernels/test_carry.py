@@ -1,15 +1,14 @@
-"""One-pass slice carries `op.carry(trans, u, reverse, reset) -> (P, s)` (what sequence parallelism
-exchanges) against the two-pass float64 reference: P = op.product(...) and s = op(..., h0=None)[1]
-under the "ref" backend (sequential loops, materialised products). Every op, both directions,
-document starts (at t = 0, inside, at the end), m in 1..4 (and 8, the batched-matmul path), T = 1,
-T a multiple of the chunk and not; the chunked carries also at forced chunk sizes (padding, and
-companion chunks shorter than m); the Triton carries (interpreter on CPU) at one tiny size."""
-import itertools
-
+"""Slice carries `op.carry(trans, u, reverse, reset) -> (P, s)` (values only: the native split's
+pass 1 on the chunked path, the one-pass Triton carries that ops.TwoPassScan exchanges for
+kernels that read h0 first) against the float64 reference:
+P = op.product(...) and s = op(..., h0=None)[1] under the "ref" backend (sequential loops,
+materialised products). Every op, both directions, document starts (at t = 0, inside, at the
+end), m in 1..4 (and 8), T = 1, T a multiple of the chunk and not; the one-pass Triton carries
+(interpreter on CPU) at one tiny size. The native split's maps: test_local.py."""
 import pytest
 import torch
 
-from llm_lru.kernels import BLOCK, COMPANION, DIAG, chunked, get_backend, set_backend, transition_mask
+from llm_lru.kernels import BLOCK, COMPANION, DIAG, get_backend, set_backend
 from llm_lru.kernels.gated import GatedBlockScan, GatedCompanionScan
 
 F64 = torch.float64
@@ -82,36 +81,6 @@ def test_carry_matches_product_and_scan(name, m, reverse, T, with_reset):
     op, trans, u = _inputs(name, B, T, N, m, gen)
     reset = _resets(B, T, gen) if with_reset else None
     _check(op, trans, u, reverse, reset)
-
-
-@pytest.mark.parametrize("chunk", [1, 2, 3, 5, 17])
-@pytest.mark.parametrize("reverse", [False, True])
-def test_chunked_carries_at_any_chunk(chunk, reverse):
-    """Padding of the last chunk, one step per chunk, chunks shorter than the companion order."""
-    gen = torch.Generator().manual_seed(chunk * 2 + reverse)
-    B, T, N, m = 4, 17, 2, 4
-    reset = _resets(B, T, gen)
-    cut = transition_mask(reset, reverse)
-    _, A, u = _inputs("block", B, T, N, m, gen)
-    A = A * (~cut).to(F64)[:, :, None, None, None]
-    P_ref, s_ref = _reference(BLOCK, A, u, reverse, None)
-    P, s = chunked.block_carry(A, u, reverse, chunk=chunk)
-    torch.testing.assert_close((P, s), (P_ref, s_ref), rtol=1e-10, atol=1e-10)
-    _, a, x = _inputs("diag", B, T, N, 1, gen)
-    a = a * (~cut).to(F64)[:, :, None]
-    P_ref, s_ref = _reference(DIAG, a, x, reverse, None)
-    P, s = chunked.diag_carry(a, x, reverse, chunk=chunk)
-    torch.testing.assert_close((P, s), (P_ref, s_ref), rtol=1e-10, atol=1e-10)
-    _, a, x = _inputs("companion", B, T, N, m, gen)
-    old = get_backend()
-    set_backend("ref")
-    try:
-        from llm_lru.kernels import companion_product, companion_scan
-        P_ref, s_ref = companion_product(a, reverse, cut), companion_scan(a, x, None, reverse, cut)[1]
-    finally:
-        set_backend(old)
-    P, s = chunked.companion_carry(a, x, reverse, cut, chunk=chunk)
-    torch.testing.assert_close((P, s), (P_ref, s_ref), rtol=1e-10, atol=1e-10)
 
 
 def test_carry_in_float32_and_bf16_accumulates_in_float32():

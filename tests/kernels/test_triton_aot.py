@@ -61,7 +61,8 @@ def test_variants_cover_the_launch_grid():
     full, sub = aot.variants(True), aot.variants(False)
     assert {v.m for v in sub} == set(aot.MS) and {v.kernel for v in sub} == {v.kernel for v in full}
     assert len(sub) < len(full) // 10
-    assert all(v.norm or not v.reset for v in full if v.kernel == "block_fwd")  # block_scan has no reset
+    # the split scans (triton/local.py) pass document starts to the plain block kernels too
+    assert any(v.reset and not v.norm for v in full if v.kernel == "block_fwd")
 
 
 def _run_aot(tmp_path, *args):

@@ -6,31 +6,7 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
-from llm_lru.kernels.ops import BLOCK, COMPANION, DIAG, ScanOp
-
-
-class ReadsStateFirst(ScanOp):
-    """`op` with its deferred initial state turned off: the route SP takes for ops that read h0
-    before they scan (the reference loops, the Triton kernels), kept tested on CPU."""
-
-    def __init__(self, op: ScanOp):
-        self.op, self.name = op, op.name
-
-    def __call__(self, trans, u, h0=None, reverse=False, reset=None):
-        return self.op(trans, u, h0, reverse, reset)
-
-    def prepare(self, trans, u):
-        inner, trans, u = self.op.prepare(trans, u)
-        return ReadsStateFirst(inner), trans, u
-
-    def product(self, trans, reverse=False, reset=None):
-        return self.op.product(trans, reverse, reset)
-
-    def apply(self, P, h):
-        return self.op.apply(P, h)
-
-    def carry(self, trans, u, reverse=False, reset=None):
-        return self.op.carry(trans, u, reverse, reset)
+from llm_lru.kernels.ops import BLOCK, COMPANION, DIAG
 
 
 # (name, op, m): every ScanOp layout at the block sizes the SP tests cover.
