@@ -8,8 +8,16 @@ Rank r holds global positions [r*T, (r+1)*T). The inner attend treats its querie
 of the keys it is given, so each rank hands it exactly the keys its queries may see, ending at
 its own last token:
 - window = 0 (full causal), or window - 1 > T: all-gather K, V and doc_start over the group
-  (differentiable: backward sums the key gradients over ranks and keeps this rank's part), and
-  pass keys [max(0, r*T - (window - 1)), (r+1)*T).
+  (differentiable: backward sums the key gradients over ranks and keeps this rank's part).
+  Contiguous slices would give the last rank ~2K - 1 times the first rank's (query, key) pairs, so
+  by default (balance=True) the queries are redistributed "zigzag", as in ring-attention /
+  context-parallel implementations: the global sequence is cut into 2K chunks (each slice into
+  halves of T // 2 and T - T // 2 rows, so odd T works too), rank r attends query chunks r and
+  2K - 1 - r, each in its own inner call against keys [max(0, start - (window - 1)), end of that
+  chunk), and every rank then has the same number of causal pairs (exactly for even T). Queries
+  reach their computing rank, and outputs return to their owner, by all_to_all_single inside a
+  differentiable function (backward: the mirrored exchange of the gradients). balance=False
+  passes this rank's queries once, with keys [max(0, r*T - (window - 1)), (r+1)*T).
 - 0 < window - 1 <= T: a halo of the previous rank's last window - 1 keys (one send / recv per
   neighbour, the key gradients sent back in backward); rank 0 needs none.
 Document masks stay exact because they only compare positions inside the keys passed.
@@ -32,7 +40,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .comm import all_gather, gather_autograd, group_rank, group_size, recv, send, send_async, wait_sends
+from .comm import (all_gather, all_to_all_autograd, gather_autograd, group_rank, group_size, recv, send, send_async,
+                   wait_sends)
 
 Tensor = torch.Tensor
 
@@ -89,10 +98,16 @@ class _Halo(torch.autograd.Function):
 
 
 class SPAttention:
-    """`attend` over an SP group; see the module doc. sp = 1 (group None) calls `inner` as is."""
+    """`attend` over an SP group; see the module doc. sp = 1 (group None) calls `inner` as is.
 
-    def __init__(self, inner: Callable, group: Any):
-        self.inner, self.group = inner, group
+    balance: spread the queries of gathered causal attention zigzag over the group (see the module
+    doc). On by default: every rank then does the same attention work, where contiguous slices make
+    the whole group wait for the last rank (~2K - 1 times the first rank's pairs); it costs two
+    all-to-alls of the queries' size forward and two backward, and gives the same values.
+    """
+
+    def __init__(self, inner: Callable, group: Any, balance: bool = True):
+        self.inner, self.group, self.balance = inner, group, balance
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, doc_start: Optional[Tensor] = None,
                  window: int = 0, causal: bool = True) -> Tensor:
@@ -113,14 +128,54 @@ class SPAttention:
             doc = torch.cat([hdoc, doc_start], 1) if doc_start is not None else None
         else:
             kv = gather_autograd(torch.stack([k, v]), self.group)           # (K, 2, B, Hkv, T, hd)
-            lo = 0 if window == 0 else max(0, r * T - (window - 1))
-            hi = (r + 1) * T
-            kv = torch.cat(kv.unbind(0), 3)[:, :, :, lo:hi]                   # (2, B, Hkv, hi - lo, hd)
-            k_all, v_all = kv[0], kv[1]
+            kv = torch.cat(kv.unbind(0), 3)                                   # (2, B, Hkv, K*T, hd)
             doc = None
             if doc_start is not None:
-                doc = torch.cat(all_gather(doc_start, self.group).unbind(0), 1)[:, lo:hi]
+                doc = torch.cat(all_gather(doc_start, self.group).unbind(0), 1)
+            if self.balance:
+                return self._zigzag(q, kv[0], kv[1], doc, window, r)
+            lo = 0 if window == 0 else max(0, r * T - (window - 1))
+            hi = (r + 1) * T
+            k_all, v_all = kv[0, :, :, lo:hi], kv[1, :, :, lo:hi]
+            doc = doc[:, lo:hi] if doc is not None else None
         return self.inner(q, k_all, v_all, doc_start=doc, window=window, causal=True)
+
+    def _zigzag(self, q, k, v, doc, window, r):
+        """Causal attention of this rank's queries q (B, H, T, hd) against the gathered k, v
+        (B, Hkv, K*T, hd) and doc (B, K*T) or None, with the work balanced over the group: rank r
+        computes global chunks r and 2K - 1 - r (chunk j: half j % 2 of slice j // 2)."""
+        K, T = group_size(self.group), q.shape[2]
+        half = T // 2
+        size = lambda j: half if j % 2 == 0 else T - half                # noqa: E731
+        start = lambda j: (j // 2) * T + (j % 2) * half                  # noqa: E731
+        computer = lambda j: j if j < K else 2 * K - 1 - j               # noqa: E731
+        # all_to_all_single orders rows by rank, and within one pair of ranks (the middle rank of
+        # an odd K keeps both its chunks) by chunk index: both sides sort the same way.
+        mine = sorted((2 * r, 2 * r + 1), key=lambda j: (computer(j), j))
+        theirs = sorted((r, 2 * K - 1 - r), key=lambda j: (j // 2, j))
+        send_rows, recv_rows = [0] * K, [0] * K
+        for j in mine:
+            send_rows[computer(j)] += size(j)
+        for j in theirs:
+            recv_rows[j // 2] += size(j)
+        x = q.permute(2, 0, 1, 3)                                           # (T, B, H, hd): rows are time
+        got = all_to_all_autograd(torch.cat([x[start(j) - r * T:][:size(j)] for j in mine]),
+                                  send_rows, recv_rows, self.group)
+        outs, row = [], 0
+        for j in theirs:
+            n, hi = size(j), start(j) + size(j)
+            lo = 0 if window == 0 else max(0, start(j) - (window - 1))
+            qj = got[row:row + n]
+            row += n
+            if n:  # T = 1 leaves the first half of every slice empty
+                qj = self.inner(qj.permute(1, 2, 0, 3), k[:, :, lo:hi], v[:, :, lo:hi],
+                                doc_start=doc[:, lo:hi] if doc is not None else None, window=window,
+                                causal=True).permute(2, 0, 1, 3)
+            outs.append(qj)
+        back = all_to_all_autograd(torch.cat(outs), recv_rows, send_rows, self.group)  # chunks in `mine` order
+        if mine[0] > mine[1]:
+            back = torch.cat([back[size(mine[0]):], back[:size(mine[0])]])
+        return back.permute(1, 2, 0, 3)
 
     def _cached(self, q, k, v, doc_start, window, causal, r):
         """Keys already gathered by SPCache: (cache, slice 0, ..., slice K-1); keep those this
