@@ -42,6 +42,7 @@ def test_wrong_type_is_named(tmp_path):
     (["model.gate_norm=softmax2"], "model.gate_norm"),
     (["train.seq_len=10", "parallel.sp=4"], "train.seq_len"),
     (["train.seq_len=1"], "train.seq_len"),
+    (["train.loss_chunk_tokens=0"], "train.loss_chunk_tokens"),
     (["parallel.carry=tree"], "parallel.carry"),
     (["deepspeed.zero_stage=4"], "deepspeed.zero_stage"),
     (["train.min_lr=1.0"], "train.min_lr"),

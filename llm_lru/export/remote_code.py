@@ -6,7 +6,7 @@ folder) into its modules cache. The model itself is not re-written for the expor
 below are generated copies of llm_lru's own model and kernel sources, with their imports
 rewritten to flat relative ones, so the exported model computes what the training model does.
 
-    llm_lru/models/{layers,attention,recurrent,hybrid}.py  -> llm_lru_<name>.py
+    llm_lru/models/{layers,attention,recurrent,loss,hybrid}.py -> llm_lru_<name>.py
     kernels/{ops,gated,gates,chunked,reference,checks}.py  -> llm_lru_kernels_<name>.py
     llm_lru/config.py (ModelConfig and its checks only)     -> llm_lru_config.py
     _remote_kernels.py (scan dispatch, no Triton)          -> llm_lru_kernels.py
@@ -30,6 +30,7 @@ VENDORED: Dict[str, str] = {
     "llm_lru.models.layers": "llm_lru_layers",
     "llm_lru.models.attention": "llm_lru_attention",
     "llm_lru.models.recurrent": "llm_lru_recurrent",
+    "llm_lru.models.loss": "llm_lru_loss",
     "llm_lru.models.hybrid": "llm_lru_hybrid",
     "llm_lru.kernels.ops": "llm_lru_kernels_ops",
     "llm_lru.kernels.gated": "llm_lru_kernels_gated",
@@ -106,7 +107,7 @@ def rewrite_imports(src: str, module: str, origin: str, is_package: bool = False
             new = f"from . import {new}"
         elif flat is not None:
             new = f"from .{flat} import {names}"
-        elif target in NOT_BUNDLED:
+        elif target.startswith(NOT_BUNDLED):   # the package and its modules (triton.local, ...)
             if node.col_offset == 0:
                 raise ValueError(f"{origin}: module-level import of {target}, which exports do not bundle")
             new = f"raise ImportError({target + ' is not bundled with exported models'!r})"

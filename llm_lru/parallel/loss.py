@@ -14,6 +14,10 @@ With gradient accumulation DeepSpeed also divides by the number of micro steps: 
 batch's loss is its own token mean, and the step's gradient the mean of those (equal to the
 global token mean when micro batches count the same number of tokens; pass `num_tokens` =
 tokens counted over the whole step to make it exact in every case).
+
+    loss, value = sp_dp_loss(logits, labels, mesh)                          # from (B, T, V) logits
+    loss, value = sp_dp_scale(model.loss(ids, labels, reduction="sum"),     # training: no logits
+                              (labels != -100).sum(), mesh)
 """
 from __future__ import annotations
 
@@ -40,8 +44,19 @@ def sp_dp_loss(logits: Tensor, labels: Tensor, mesh: Optional[Mesh] = None, igno
         raise ValueError(f"labels: shape {tuple(labels.shape)} does not match logits {tuple(logits.shape)[:-1]}")
     total = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                             ignore_index=ignore_index, reduction="sum")
-    count = (labels != ignore_index).sum()
-    stats = torch.stack([total.detach(), count.to(total.dtype)])
+    return sp_dp_scale(total, (labels != ignore_index).sum(), mesh, num_tokens, grad_average_size)
+
+
+def sp_dp_scale(total: Tensor, count: Tensor, mesh: Optional[Mesh] = None, num_tokens: Optional[int] = None,
+                grad_average_size: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+    """sp_dp_loss from this rank's summed token loss instead of its logits (the training path:
+    `HybridLM.loss(..., reduction='sum')` never holds the logits).
+
+    total: scalar, the sum of this rank's token losses (with its graph); count: scalar, the number
+    of tokens it counted (a tensor or an int). Returns (loss_to_backward, loss_value), as sp_dp_loss.
+    """
+    total = total.float()
+    stats = torch.stack([total.detach(), torch.as_tensor(count, dtype=total.dtype, device=total.device)])
     distributed = mesh is not None and mesh.is_distributed and dist.is_initialized()
     if distributed:
         dist.all_reduce(stats, group=mesh.world_group)
