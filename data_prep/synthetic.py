@@ -8,6 +8,9 @@ A task is a function registered under a name:
                     get label -100
         doc_starts= None (one document from position 0), an int array of input positions where a
                     document starts, or a bool array (seq_len,)
+        targets   = (optional) int array (seq_len,): the label of each input position, for tasks
+                    whose answers are not the next input (a sequence labelling, e.g. the word
+                    problem with an answer at every position); None or absent: tokens[1:]
     )
 
 `rng` is seeded from (train.seed, split, global sample index), so sample k is the same whatever
@@ -57,8 +60,13 @@ register_task("copy", copy_task)
 
 
 def make_sample(name: str, rng: np.random.Generator, seq_len: int, task_args: Dict[str, Any],
-                vocab_size: int = 0):
-    """Run task `name` once and check its output: (tokens (L+1,), loss_mask (L,), doc_start (L,))."""
+                vocab_size: int = 0, with_targets: bool = False):
+    """Run task `name` once and check its output: (tokens (L+1,), loss_mask (L,), doc_start (L,)),
+    and targets (L,) (the labels; tokens[1:] unless the task gives its own) when with_targets.
+
+    A caller without with_targets takes tokens[1:] as the labels: a task whose scored targets
+    differ from them then stops with a ValueError naming it rather than train on wrong labels.
+    """
     if name not in TASKS:
         # The recall and state-tracking tasks register themselves in llm_lru.eval.tasks; a fresh
         # `llm-lru train data.task=mqar` process has not imported it yet.
@@ -90,6 +98,21 @@ def make_sample(name: str, rng: np.random.Generator, seq_len: int, task_args: Di
             starts = ds
         else:
             starts[ds[ds < seq_len]] = True
-    if vocab_size and (tokens.min() < 0 or tokens.max() >= vocab_size):
-        raise ValueError(f"data.task '{name}': token ids outside [0, model.vocab_size={vocab_size})")
+    targets = out.get("targets")
+    if targets is None:
+        targets = tokens[1:]
+    else:
+        targets = np.asarray(targets)
+        if targets.shape != (seq_len,) or not np.issubdtype(targets.dtype, np.integer):
+            raise ValueError(f"data.task '{name}': targets must be an int array of shape ({seq_len},), got "
+                             f"{targets.dtype} {targets.shape}")
+        if not with_targets and (targets[mask] != tokens[1:][mask]).any():
+            raise ValueError(f"data.task '{name}': its answers are not the next tokens (a labelling task); "
+                             "this caller reads labels from tokens[1:] and cannot train it "
+                             "(it needs make_sample(..., with_targets=True))")
+    for what, ids in (("token", tokens), ("target", targets)):
+        if vocab_size and (ids.min() < 0 or ids.max() >= vocab_size):
+            raise ValueError(f"data.task '{name}': {what} ids outside [0, model.vocab_size={vocab_size})")
+    if with_targets:
+        return tokens.astype(np.int64), mask, starts, targets.astype(np.int64)
     return tokens.astype(np.int64), mask, starts

@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from . import tasks as _tasks  # noqa: F401  (registers mqar, s3, s5, selective_copy)
+from . import tasks as _tasks  # noqa: F401  (registers the synthetic tasks)
 from .common import progress, table
 from .ppl import context_positions
 from .prefill import token_logprobs
@@ -43,8 +43,9 @@ def task_accuracy(model, task: str, task_args: Dict[str, Any], seq_len: int, n: 
         tok = torch.from_numpy(data["tokens"][s:s + batch_size]).to(device)
         mask = torch.from_numpy(data["mask"][s:s + batch_size]).to(device)
         starts = torch.from_numpy(data["starts"][s:s + batch_size]).to(device)
+        labels = torch.from_numpy(data["targets"][s:s + batch_size]).to(device)
         ids = tok[:, :-1]
-        targets = torch.where(mask, tok[:, 1:], torch.full_like(ids, -100))
+        targets = torch.where(mask, labels, torch.full_like(ids, -100))
         _, greedy = token_logprobs(model, ids, chunk_size or ids.shape[1], doc_start=starts, targets=targets)
         m = mask.cpu()
         right += int(greedy[m].sum())
@@ -86,7 +87,7 @@ def run_mqar(target, ecfg, out: Path) -> Dict[str, Any]:
 
 
 def run_state_tracking(target, ecfg, out: Path) -> Dict[str, Any]:
-    return run_suite(target, ecfg, out, "state-tracking", ("s3", "s5"))
+    return run_suite(target, ecfg, out, "state-tracking", ("s3", "s5", "word_problem"))
 
 
 def run_selective_copy(target, ecfg, out: Path) -> Dict[str, Any]:
@@ -139,13 +140,17 @@ def _merge(a: Dict[str, Any], b: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def sweep_runs(sweep: Dict[str, Any], out_dir: Path) -> List[Dict[str, Any]]:
-    """The runs of a sweep dict {base, mixers: {name: overrides}, tasks: {name: overrides}}:
-    [{"mixer", "task", "config": RunConfig}], mixers x tasks, each with its own out_dir."""
+    """The runs of a sweep dict {base, mixers: {name: overrides}, tasks: {name: overrides},
+    seeds: [int, ...] (optional: each run once per seed, as train.seed)}:
+    [{"mixer", "task", "seed", "config": RunConfig}], tasks x mixers x seeds, each its own out_dir."""
     from llm_lru.config import from_dict
 
     for key in ("base", "mixers", "tasks"):
         if key not in sweep:
             raise ValueError(f"sweep config: missing key '{key}'")
+    seeds = sweep.get("seeds") or [None]
+    if not all(s is None or isinstance(s, int) for s in seeds):
+        raise ValueError(f"sweep config: 'seeds' must be a list of ints, got {seeds}")
     only_m, only_t = sweep.get("only_mixers"), sweep.get("only_tasks")
     runs = []
     for tname, tover in sweep["tasks"].items():
@@ -154,13 +159,16 @@ def sweep_runs(sweep: Dict[str, Any], out_dir: Path) -> List[Dict[str, Any]]:
         for mname, mover in sweep["mixers"].items():
             if only_m and mname not in only_m:
                 continue
-            d = _merge(_merge(sweep["base"], tover), mover)
-            d["out_dir"] = str(out_dir / f"{tname}__{mname}")
-            try:
-                cfg = from_dict(d)
-            except ValueError as e:
-                raise ValueError(f"sweep config: task '{tname}' x mixer '{mname}': {e}") from None
-            runs.append({"mixer": mname, "task": tname, "config": cfg})
+            for seed in seeds:
+                d = _merge(_merge(sweep["base"], tover), mover)
+                d["out_dir"] = str(out_dir / (f"{tname}__{mname}" + ("" if seed is None else f"__s{seed}")))
+                if seed is not None:
+                    d.setdefault("train", {})["seed"] = seed
+                try:
+                    cfg = from_dict(d)
+                except ValueError as e:
+                    raise ValueError(f"sweep config: task '{tname}' x mixer '{mname}': {e}") from None
+                runs.append({"mixer": mname, "task": tname, "seed": cfg.train.seed, "config": cfg})
     return runs
 
 
@@ -173,7 +181,8 @@ def run_sweep(sweep: Dict[str, Any], out_dir: Path, eval_samples: int = 256,
     results = []
     for r in runs:
         cfg = r["config"]
-        row = {"task": r["task"], "mixer": r["mixer"], "pattern": cfg.model.pattern, "d_model": cfg.model.d_model,
+        row = {"task": r["task"], "mixer": r["mixer"], "seed": r["seed"], "pattern": cfg.model.pattern,
+               "d_model": cfg.model.d_model,
                "block_size": cfg.model.block_size, "seq_len": cfg.train.seq_len,
                "task_args": dict(cfg.data.task_args), "max_steps": cfg.train.max_steps}
         try:
@@ -189,15 +198,19 @@ def run_sweep(sweep: Dict[str, Any], out_dir: Path, eval_samples: int = 256,
 
 
 def sweep_table(results: List[Dict[str, Any]]) -> Dict[str, Any]:
-    """One table: a row per task, a column per mixer, cells = answer accuracy."""
+    """One table: a row per task, a column per mixer, cells = answer accuracy (the mean over
+    the seeds that ran without error)."""
     mixers = list(dict.fromkeys(r["mixer"] for r in results))
     tasks_ = list(dict.fromkeys(r["task"] for r in results))
-    cell = {(r["task"], r["mixer"]): r for r in results}
+    cell: Dict[Any, List[float]] = {}
+    for r in results:
+        if "accuracy" in r:
+            cell.setdefault((r["task"], r["mixer"]), []).append(float(r["accuracy"]))
     rows = []
     for t in tasks_:
         row: List[Any] = [t]
         for m in mixers:
-            r = cell.get((t, m))
-            row.append(None if r is None or "accuracy" not in r else round(float(r["accuracy"]), 4))
+            accs = cell.get((t, m))
+            row.append(round(sum(accs) / len(accs), 4) if accs else None)
         rows.append(row)
     return table("answer accuracy (rows: task, columns: mixer)", ["task"] + mixers, rows)

@@ -1,7 +1,8 @@
 """Gate normalisations of BD-LRU and H-LRU (DESIGN.md §2), and their PyTorch reference scans.
 
-This is the ONE definition of the normalisations: the model layers import `normalize_rows` from
-here, and the fused Triton kernels (llm_lru.kernels.triton) are tested against these functions.
+This is the ONE definition of the normalisations: the gated scan ops (kernels/gated.py, which the
+BD-LRU and H-LRU mixers hold) import `normalize_rows` from here, and the fused Triton kernels
+(llm_lru.kernels.triton) are tested against these functions.
 It does not import triton, so CPU users never pay for it.
 
     normalize_rows(logits, norm) -> P        each row over its last axis (size m + 1)
@@ -9,6 +10,7 @@ It does not import triton, so CPU users never pay for it.
       sigmoid:  P = sigmoid(g) / sum sigmoid(g)
       relu:     P = relu(g)    / (sum relu(g)    + eps)
       tanh:     P = tanh(g)    / (sum |tanh(g)|  + eps)
+      lin_l1:   P = g          / (sum |g|        + eps)    (PyTorch path only, no fused kernel)
     Every row of P has L1 norm <= 1, so the state of the recurrence stays bounded.
 
 `reset` in the two scans below is a per-step cut (B, T) bool: reset[b, t] zeroes A_t (the state
@@ -27,8 +29,9 @@ from .reference import block_scan_ref, companion_scan_ref
 
 Tensor = torch.Tensor
 
-NORMS = ("softmax", "sigmoid", "relu", "tanh")
-# Keeps relu/tanh rows finite when every entry is zero; small enough not to matter otherwise.
+NORMS = ("softmax", "sigmoid", "relu", "tanh")  # also fused in the Triton kernels (codes 1..4)
+ALL_NORMS = NORMS + ("lin_l1",)                  # lin_l1 only here, on the PyTorch path
+# Keeps relu/tanh/lin_l1 rows finite when every entry is zero; small enough not to matter otherwise.
 EPS = 1e-6
 _EPS = EPS
 
@@ -62,10 +65,13 @@ def _softmax(g: Tensor) -> Tensor:
     return torch.softmax(g, -1)
 
 
-def check_norm(norm: str) -> None:
-    """Raise ValueError naming the unknown normalisation."""
-    if norm not in NORMS:
-        raise ValueError(f"norm: unknown gate normalisation '{norm}' (one of {', '.join(NORMS)})")
+def check_norm(norm: str, fused: bool = True) -> None:
+    """Raise ValueError naming the unknown normalisation; fused: also one the Triton kernels have."""
+    if norm not in ALL_NORMS:
+        raise ValueError(f"norm: unknown gate normalisation '{norm}' (one of {', '.join(ALL_NORMS)})")
+    if fused and norm not in NORMS:
+        raise ValueError(f"norm: gate normalisation '{norm}' has no fused Triton kernel (the PyTorch scan "
+                         f"backend has it: LLM_LRU_SCAN=torch; fused: {', '.join(NORMS)})")
 
 
 def normalize_rows(logits: Tensor, norm: str = "softmax") -> Tensor:
@@ -73,7 +79,7 @@ def normalize_rows(logits: Tensor, norm: str = "softmax") -> Tensor:
 
     logits: (..., m + 1). Computed in the accumulation dtype (fp32 for half inputs).
     """
-    check_norm(norm)
+    check_norm(norm, fused=False)
     g = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
     if norm == "softmax":
         return _softmax(g)
@@ -83,7 +89,7 @@ def normalize_rows(logits: Tensor, norm: str = "softmax") -> Tensor:
     if norm == "relu":
         s = torch.relu(g)
         return s / (s.sum(-1, keepdim=True) + EPS)
-    s = torch.tanh(g)
+    s = torch.tanh(g) if norm == "tanh" else g  # lin_l1: the logits themselves
     return s / (s.abs().sum(-1, keepdim=True) + EPS)
 
 
@@ -152,5 +158,5 @@ def hlru_scan_reference(logits: Tensor, v: Tensor, h0: Optional[Tensor] = None, 
     return companion_scan_ref(P[..., :m], P[..., m] * v.to(P.dtype), h0, reverse, reset)
 
 
-__all__ = ["NORMS", "EPS", "normalize_rows", "bdlru_gates", "bdlru_scan_reference", "hlru_scan_reference",
+__all__ = ["NORMS", "ALL_NORMS", "EPS", "normalize_rows", "bdlru_gates", "bdlru_scan_reference", "hlru_scan_reference",
            "check_norm", "check_bdlru", "check_hlru"]

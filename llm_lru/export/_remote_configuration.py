@@ -19,9 +19,14 @@ class LLMLRUConfig(PretrainedConfig):
     model_type = "llm_lru"
     attribute_map = {"hidden_size": "d_model", "num_hidden_layers": "n_layers", "num_attention_heads": "n_heads"}
 
+    # Fields added after exports existed: absent from an older config.json means the behaviour
+    # of then (save_pretrained writes only the values that differ from these defaults).
+    LEGACY_DEFAULTS = {"hlru_readout": "last"}
+
     def __init__(self, prefill_chunk_size: int = 2048, use_cache: bool = True, **kwargs):
         for f in dataclasses.fields(ModelConfig):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            default = self.LEGACY_DEFAULTS.get(f.name, default)
             setattr(self, f.name, kwargs.pop(f.name, default))
         self.prefill_chunk_size = prefill_chunk_size
         self.use_cache = use_cache

@@ -19,6 +19,14 @@ import torch.nn.functional as F
 
 from llm_lru.kernels import BLOCK, DIAG
 from llm_lru.kernels.gated import GatedBlockScan, GatedCompanionScan
+from llm_lru.kernels.ops import LocalGrad, LocalScan, ScanOp
+
+GATE_INITS = ("long_memory", "uniform")
+HLRU_READOUTS = ("state", "last")
+# The paper's gate start (arXiv 2602.12021, gate_init=uniform): weights N(0, UNIFORM_STD), zero biases.
+UNIFORM_STD = 0.02
+# long_memory: the logit of each state's own past starts this much above the others.
+LONG_MEMORY_BIAS = 3.0
 
 
 class LRU(nn.Module):
@@ -106,17 +114,55 @@ class GLRU(nn.Module):
         return torch.zeros(batch, self.n, device=device, dtype=torch.promote_types(dtype, torch.float32))
 
 
-class BDLRU(nn.Module):
+def _check_choice(value: str, choices, key: str) -> None:
+    if value not in choices:
+        raise ValueError(f"{key}: unknown '{value}' (one of {', '.join(choices)})")
+
+
+class _GatedMixer(nn.Module):
+    """What BD-LRU and H-LRU share: gate logits of shape `shape` per token, either from the input
+    (selective: `gate` is Linear(d, prod(shape))) or a learned table with no input dependence
+    (`gate` is a Parameter of prod(shape) logits, flat like a bias so that weight decay spares it:
+    time-constant transitions), and their initialisation."""
+
+    def _make_gate(self, d_model: int, shape, selective: bool, gate_init: str) -> None:
+        _check_choice(gate_init, GATE_INITS, "gate_init")
+        self.shape, self.selective, self.gate_init = tuple(shape), selective, gate_init
+        n = math.prod(self.shape)
+        self.gate = nn.Linear(d_model, n) if selective else nn.Parameter(torch.zeros(n))
+
+    def _init_gate(self, long_memory_bias: torch.Tensor) -> None:
+        """long_memory: `long_memory_bias` (shape `shape`) as the bias or table; uniform: the
+        paper's start, every logit near zero (all rows nearly uniform)."""
+        table = self.gate.bias if self.selective else self.gate
+        if self.gate_init == "uniform":
+            if self.selective:
+                self.gate.weight.normal_(0.0, UNIFORM_STD)
+            table.zero_()
+        else:
+            table.copy_(long_memory_bias.flatten())
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Gate logits (B, T, *shape)."""
+        B, T, _ = x.shape
+        if self.selective:
+            return self.gate(x).view(B, T, *self.shape)
+        return self.gate.to(x.dtype).view(self.shape).expand(B, T, *self.shape)
+
+
+class BDLRU(_GatedMixer):
     """Selective block-diagonal LRU (arXiv 2602.12021): N blocks of size m.
 
     Gate logits G_t = W_g x_t + b_g: (N, m, m+1), each row normalised over its m+1 entries;
     A_t = P[..., :m], u_t = P[..., m] * (W_v x_t); y_t = W_o vec(h_t). State: (B, N, m).
+    selective=False: G_t = G, a learned table (N, m, m+1) with no input dependence.
     """
 
-    def __init__(self, d_model: int, d_state: int, m: int, norm: str = "softmax"):
+    def __init__(self, d_model: int, d_state: int, m: int, norm: str = "softmax",
+                 gate_init: str = "long_memory", selective: bool = True):
         super().__init__()
         self.m, self.n = m, d_state // m
-        self.gate = nn.Linear(d_model, self.n * m * (m + 1))
+        self._make_gate(d_model, (self.n, m, m + 1), selective, gate_init)
         self.value = nn.Linear(d_model, self.n * m, bias=False)
         self.out_proj = nn.Linear(self.n * m, d_model, bias=False)
         self.scan = GatedBlockScan(norm)
@@ -124,51 +170,191 @@ class BDLRU(nn.Module):
 
     @torch.no_grad()
     def init_special(self) -> None:
-        # Favour each state's own past (the diagonal of A) so that memory starts long.
+        # long_memory favours each state's own past (the diagonal of A) so that memory starts long.
         bias = torch.zeros(self.n, self.m, self.m + 1)
-        bias[:, torch.arange(self.m), torch.arange(self.m)] = 3.0
-        self.gate.bias.copy_(bias.flatten())
+        bias[:, torch.arange(self.m), torch.arange(self.m)] = LONG_MEMORY_BIAS
+        self._init_gate(bias)
 
     def forward(self, x, doc_start=None, state=None, pos_offset=0):
         B, T, _ = x.shape
-        logits = self.gate(x).view(B, T, self.n, self.m, self.m + 1)
         v = self.value(x).view(B, T, self.n, self.m)
-        h, h_last = self.scan(logits, v, state, False, doc_start)
+        h, h_last = self.scan(self.logits(x), v, state, False, doc_start)
         return self.out_proj(h.to(x.dtype).reshape(B, T, self.n * self.m)), h_last
 
     def init_state(self, batch: int, device=None, dtype=torch.float32) -> torch.Tensor:
         return torch.zeros(batch, self.n, self.m, device=device, dtype=torch.promote_types(dtype, torch.float32))
 
 
-class HLRU(nn.Module):
+def _lags_of(h0: Optional[torch.Tensor], m: int, like: torch.Tensor) -> torch.Tensor:
+    """The m - 1 values before a slice in time order, (B, m - 1, N), from its initial companion
+    state h0 (B, N, m) with h0[..., k - 1] = y_{-k}; zeros without h0. like: y (B, T, N)."""
+    if h0 is None:
+        return like.new_zeros(like.shape[0], m - 1, like.shape[2])
+    return h0[..., : m - 1].flip(-1).transpose(1, 2).to(like.dtype)
+
+
+class CompanionLags(ScanOp):
+    """A companion-layout op (H-LRU) whose output also holds the m - 1 values before the slice.
+
+        op(trans, u, h0, reverse=False, reset) -> (y_ext (B, m - 1 + T, N), s_last (B, N, m))
+
+    y_ext[:, m - 1 + t] = y_t and y_ext[:, m - 1 - k] = y_{-k} = h0[..., k - 1] (zeros without h0),
+    so the state readout gets every lag by shifting y instead of storing m copies of it. The lags
+    come from h0, so the split scan of sequence parallelism (`local`) gives them from the carry,
+    and their gradient joins dL/dh0. product / apply / carry are the inner op's.
+    """
+
+    def __init__(self, inner: ScanOp, m: int):
+        self.inner, self.m = inner, m
+        self.name = f"{inner.name}_lags"
+
+    def __call__(self, trans, u, h0=None, reverse=False, reset=None):
+        if reverse:
+            raise ValueError("CompanionLags: the H-LRU state readout is causal (reverse=False only)")
+        y, s_last = self.inner(trans, u, h0, reverse, reset)
+        if self.m == 1:
+            return y, s_last
+        return torch.cat([_lags_of(h0, self.m, y), y], 1), s_last
+
+    def prepare(self, trans, u):
+        inner, trans, u = self.inner.prepare(trans, u)
+        return CompanionLags(inner, self.m), trans, u
+
+    def local(self, trans, u, reverse=False, reset=None):
+        if reverse:
+            raise ValueError("CompanionLags: the H-LRU state readout is causal (reverse=False only)")
+        part = self.inner.local(trans, u, reverse, reset)
+        return part if self.m == 1 else _LagsLocal(part, self.m)
+
+    def product(self, trans, reverse=False, reset=None):
+        return self.inner.product(trans, reverse, reset)
+
+    def carry(self, trans, u, reverse=False, reset=None):
+        return self.inner.carry(trans, u, reverse, reset)
+
+    def apply(self, P, h):
+        return self.inner.apply(P, h)
+
+    def apply_t(self, P, g):
+        return self.inner.apply_t(P, g)
+
+    def __repr__(self) -> str:
+        return f"CompanionLags({self.inner!r}, m={self.m})"
+
+
+class _LagsLocal(LocalScan):
+    """CompanionLags' split scan: the inner op's, with the lags taken from h0 at `finish` and
+    their gradient added to dL/dh0 (in `a` too, so a carry's gradient can leave before `finish`)."""
+
+    def __init__(self, part: LocalScan, m: int):
+        self.part, self.m = part, m
+
+    @property
+    def P(self):
+        return self.part.P
+
+    @property
+    def s(self):
+        return self.part.s
+
+    def finish(self, h0):
+        y, h_last = self.part.finish(h0)
+        return torch.cat([_lags_of(h0, self.m, y), y], 1), h_last
+
+    def saved(self):
+        return self.part.saved()
+
+    def adjoint(self, g_h, saved):
+        m = self.m
+        g_y = None if g_h is None else g_h[:, m - 1:]
+        grad = self.part.adjoint(g_y, saved)
+        g_lags = None
+        if g_h is not None:  # y_ext[:, m - 1 - k] = h0[..., k - 1]
+            g_lags = F.pad(g_h[:, : m - 1].transpose(1, 2).flip(-1), (0, 1))
+        return _LagsGrad(grad, g_lags)
+
+
+class _LagsGrad(LocalGrad):
+    def __init__(self, grad: LocalGrad, g_lags: Optional[torch.Tensor]):
+        super().__init__(grad.op, grad.P)
+        self.grad = grad
+        self.g_lags = None if g_lags is None else g_lags.to(grad.a.dtype)
+        self.a = grad.a if g_lags is None else grad.a + self.g_lags
+
+    def finish(self, g_last):
+        g_trans, g_u, g_h0 = self.grad.finish(g_last)
+        if g_h0 is not None and self.g_lags is not None:
+            g_h0 = g_h0 + self.g_lags.to(g_h0.dtype)
+        return g_trans, g_u, g_h0
+
+
+class StateReadout(nn.Linear):
+    """H-LRU's readout of its whole state: Linear(N*m, D, bias=False) over the state laid out
+    (N, m), lag last (input n*m + k reads y_{t-k}[n]), computed lag by lag from the shifted values.
+
+    forward(y_ext (B, m - 1 + T, N), doc_start (B, T) bool or None) -> (B, T, D). Lag k reads y_ext
+    shifted by k against the columns k::m; a lag that reaches back past a document start is zero
+    in the state (the reset clears it), so its term is masked out. The weight is read inside this
+    module's own forward, where DeepSpeed ZeRO-3 has gathered it.
+    """
+
+    def __init__(self, n: int, m: int, d_model: int):
+        super().__init__(n * m, d_model, bias=False)
+        self.m = m
+
+    def forward(self, y_ext: torch.Tensor, doc_start: Optional[torch.Tensor] = None) -> torch.Tensor:
+        m = self.m
+        T = y_ext.shape[1] - (m - 1)
+        out = F.linear(y_ext[:, m - 1:], self.weight[:, 0::m])
+        if m == 1:
+            return out
+        # starts[:, m - 1 + t] counts document starts up to t; lag k survives iff none in (t - k, t]
+        starts = None if doc_start is None else F.pad(doc_start.long().cumsum(1), (m - 1, 0))
+        for k in range(1, m):
+            z = F.linear(y_ext[:, m - 1 - k: m - 1 - k + T], self.weight[:, k::m])
+            if starts is not None:
+                z = z * (starts[:, m - 1:] == starts[:, m - 1 - k: m - 1 - k + T]).unsqueeze(-1).to(z.dtype)
+            out = out + z
+        return out
+
+
+class HLRU(_GatedMixer):
     """Selective higher-order LRU (arXiv 2602.12021): per channel, order m.
 
     m+1 logits per channel, normalised, give a_{t,1..m} and a_{t,0};
-    h_t = sum_k a_{t,k} h_{t-k} + a_{t,0} v_t, y_t = W_o h_t. State: (B, N, m), the last m values.
+    h_t = sum_k a_{t,k} h_{t-k} + a_{t,0} v_t. State: (B, N, m), the last m values.
+    readout="state" (the paper's): y_t = W_o s_t with W_o: Linear(N*m, D) over the state laid out
+    (N, m), lag last: input n*m + k reads h_{t-k}[n], k = 0..m-1 (zero before a document start).
+    readout="last": y_t = W_o h_t, Linear(N, D). selective=False: a learned logit table (N, m+1).
     """
 
-    def __init__(self, d_model: int, d_state: int, m: int, norm: str = "softmax"):
+    def __init__(self, d_model: int, d_state: int, m: int, norm: str = "softmax",
+                 gate_init: str = "long_memory", selective: bool = True, readout: str = "state"):
         super().__init__()
-        self.m, self.n = m, d_state
-        self.gate = nn.Linear(d_model, self.n * (m + 1))
+        _check_choice(readout, HLRU_READOUTS, "hlru_readout")
+        self.m, self.n, self.readout = m, d_state, readout
+        self._make_gate(d_model, (self.n, m + 1), selective, gate_init)
         self.value = nn.Linear(d_model, self.n, bias=False)
-        self.out_proj = nn.Linear(self.n, d_model, bias=False)
-        self.scan = GatedCompanionScan(norm)
+        if readout == "state":
+            self.out_proj = StateReadout(self.n, m, d_model)
+        else:
+            self.out_proj = nn.Linear(self.n, d_model, bias=False)
+        scan = GatedCompanionScan(norm)
+        self.scan = CompanionLags(scan, m) if readout == "state" else scan
         self.init_special()
 
     @torch.no_grad()
     def init_special(self) -> None:
-        # Favour the previous value (a_1) so that memory starts long.
+        # long_memory favours the previous value (a_1) so that memory starts long.
         bias = torch.zeros(self.n, self.m + 1)
-        bias[:, 0] = 3.0
-        self.gate.bias.copy_(bias.flatten())
+        bias[:, 0] = LONG_MEMORY_BIAS
+        self._init_gate(bias)
 
     def forward(self, x, doc_start=None, state=None, pos_offset=0):
-        B, T, _ = x.shape
-        logits = self.gate(x).view(B, T, self.n, self.m + 1)
-        v = self.value(x)
-        y, s_last = self.scan(logits, v, state, False, doc_start)
-        return self.out_proj(y.to(x.dtype)), s_last
+        y, s_last = self.scan(self.logits(x), self.value(x), state, False, doc_start)
+        if self.readout == "last":
+            return self.out_proj(y.to(x.dtype)), s_last
+        return self.out_proj(y.to(x.dtype), doc_start), s_last
 
     def init_state(self, batch: int, device=None, dtype=torch.float32) -> torch.Tensor:
         return torch.zeros(batch, self.n, self.m, device=device, dtype=torch.promote_types(dtype, torch.float32))

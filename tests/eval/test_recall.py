@@ -15,36 +15,41 @@ SWEEP = Path(__file__).resolve().parents[2] / "configs/sweeps/recall.yaml"
 
 class Oracle(torch.nn.Module):
     """Knows the answer of each scored position of a fixed batch: logits one-hot on the target
-    where `right`, on another token elsewhere (a stand-in whose accuracy is known exactly)."""
+    where `right`, on another token elsewhere (a stand-in whose accuracy is known exactly).
+    labels (n, T): the target of each input position."""
 
-    def __init__(self, tokens, right, vocab):
+    def __init__(self, labels, right, vocab):
         super().__init__()
         self.cfg = type("C", (), {"vocab_size": vocab})()
         self.embed = torch.nn.Embedding(1, 1)
-        self.tokens, self.right, self.vocab, self.row = tokens, right, vocab, 0
+        self.labels, self.right, self.vocab, self.row = labels, right, vocab, 0
 
     def forward(self, ids, doc_start=None, state=None, return_state=False):
         B, T = ids.shape
         start = 0 if state is None else state
-        nxt = self.tokens[self.row:self.row + B, 1 + start:1 + start + T]
+        nxt = self.labels[self.row:self.row + B, start:start + T]
         ok = self.right[self.row:self.row + B, start:start + T]
         pred = torch.where(ok, nxt, (nxt + 1) % self.vocab)
         logits = torch.nn.functional.one_hot(pred, self.vocab).float()
-        if start + T == self.tokens.shape[1] - 1:
+        if start + T == self.labels.shape[1]:
             self.row += B
         return (logits, start + T) if return_state else logits
 
 
-def test_task_accuracy_counts_exactly():
-    n, T, V = 10, 40, 32
-    data = tasks.task_batch("mqar", {"num_kv_pairs": 4}, T, n, seed=recall.SPLIT_SEED, vocab_size=V)
+@pytest.mark.parametrize("task,args,V,per_sample", [("mqar", {"num_kv_pairs": 4}, 32, 4),
+                                                     ("word_problem", {"group": "A", "n": 4}, 26, 40)])
+def test_task_accuracy_counts_exactly(task, args, V, per_sample):
+    n, T = 10, 40
+    data = tasks.task_batch(task, args, T, n, seed=recall.SPLIT_SEED, vocab_size=V)
     tok = torch.from_numpy(data["tokens"])
+    if task == "mqar":  # the targets of a next-token task are the next tokens
+        assert (torch.from_numpy(data["targets"]) == tok[:, 1:]).all()
     rng = np.random.default_rng(0)
     right = torch.from_numpy(rng.random((n, T)) < 0.6)
     mask = torch.from_numpy(data["mask"])
-    model = Oracle(tok, right, V)
-    res = recall.task_accuracy(model, "mqar", {"num_kv_pairs": 4}, T, n=n, seed=0, chunk_size=7, batch_size=4)
-    assert res["answers"] == int(mask.sum()) == 4 * n
+    model = Oracle(torch.from_numpy(data["targets"]), right, V)
+    res = recall.task_accuracy(model, task, args, T, n=n, seed=0, chunk_size=7, batch_size=4)
+    assert res["answers"] == int(mask.sum()) == per_sample * n
     assert res["accuracy"] == pytest.approx(float(right[mask].float().mean()))
     assert res["sequence_accuracy"] == pytest.approx(float((right | ~mask).all(1).float().mean()))
 
@@ -78,12 +83,31 @@ def test_sweep_config_expands_to_valid_runs(tmp_path):
         recall.sweep_runs(sweep, tmp_path)
 
 
+def test_paper_sweep_expands_over_seeds(tmp_path):
+    from omegaconf import OmegaConf
+
+    sweep = OmegaConf.to_container(OmegaConf.load(SWEEP.parent / "paper.yaml"))
+    runs = recall.sweep_runs({**sweep, "only_mixers": ["bdlru_m1", "hlru_m2"]}, tmp_path)
+    seeds = sweep["seeds"]
+    assert len(seeds) >= 2 and len(runs) == 2 * len(sweep["tasks"]) * len(seeds)
+    assert {(r["seed"], r["config"].train.seed) for r in runs} == {(s, s) for s in seeds}
+    assert len({r["config"].out_dir for r in runs}) == len(runs)
+    tasks_ = {r["config"].data.task: r["config"].data.task_args for r in runs}
+    assert tasks_["word_problem"]["layout"] == "episodes" and "compression" in tasks_
+    assert {r["config"].model.hlru_readout for r in runs if r["mixer"] == "hlru_m2"} == {"state"}
+    with pytest.raises(ValueError, match="seeds"):
+        recall.sweep_runs({**sweep, "seeds": ["a"]}, tmp_path)
+
+
 def test_sweep_table_shape():
     rows = [{"task": "s3", "mixer": "glru", "accuracy": 0.5}, {"task": "s3", "mixer": "attn", "error": "x"},
             {"task": "mqar", "mixer": "glru", "accuracy": 0.25}]
     t = recall.sweep_table(rows)
     assert t["columns"] == ["task", "glru", "attn"]
     assert t["rows"] == [["s3", 0.5, None], ["mqar", 0.25, None]]
+    # several seeds: the mean of those that ran
+    rows.append({"task": "s3", "mixer": "glru", "accuracy": 0.7})
+    assert recall.sweep_table(rows)["rows"][0] == ["s3", 0.6, None]
 
 
 @pytest.mark.slow

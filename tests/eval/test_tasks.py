@@ -138,3 +138,161 @@ def test_task_batch_is_seeded_apart():
     b = tasks.task_batch("s3", {}, 32, 3, seed=1)
     c = tasks.task_batch("s3", {}, 32, 3, seed=2)
     assert (a["tokens"] == b["tokens"]).all() and not (a["tokens"] == c["tokens"]).all()
+
+
+# ---- the paper's word problems and the MAD suite -------------------------------------------
+
+def _group_reference(group, n):
+    """Elements as tuples (S_n, A_n in itertools order; Z_n as ints) and their composition."""
+    if group == "Z":
+        return list(range(n)), lambda a, b: (a + b) % n
+
+    def parity(p):  # by cycles: a k-cycle is k - 1 transpositions
+        seen, swaps = set(), 0
+        for i in range(n):
+            j, k = i, 0
+            while j not in seen:
+                seen.add(j)
+                j, k = p[j], k + 1
+            swaps += max(k - 1, 0)
+        return swaps % 2
+
+    elems = [p for p in itertools.permutations(range(n)) if group == "S" or parity(p) == 0]
+    return elems, lambda a, b: tuple(a[b[i]] for i in range(n))
+
+
+@pytest.mark.parametrize("group,n", [("S", 3), ("A", 4), ("A", 5), ("S", 5), ("Z", 5)])
+def test_word_problem_answer_at_every_position(group, n):
+    elems, op = _group_reference(group, n)
+    G = len(elems)
+    for i in range(3):
+        out = tasks.word_problem(_rng(i), 64, n=n, group=group)
+        tok, mask, tgt = out["tokens"], out["loss_mask"], out["targets"]
+        assert mask.all() and out["doc_starts"] is None
+        assert (tok[:-1] < G).all()  # inputs are group elements only: no answer is ever an input
+        p = elems[0]  # the identity
+        for t in range(64):
+            p = op(elems[tok[t]], p)
+            assert tgt[t] == G + 1 + elems.index(p)
+
+
+@pytest.mark.parametrize("group,n", [("A", 5), ("Z", 4)])
+def test_word_problem_episodes_of_other_groups(group, n):
+    elems, op = _group_reference(group, n)
+    G = len(elems)
+    out = tasks.word_problem(_rng(0), 96, n=n, group=group, layout="episodes", max_len=10)
+    tok, starts = out["tokens"], np.flatnonzero(out["doc_starts"])
+    for q in np.flatnonzero(out["loss_mask"]):
+        s = starts[starts <= q].max()
+        assert tok[q] == G and (tok[s:q] < G).all()
+        p = elems[0]
+        for g in tok[s:q]:
+            p = op(elems[g], p)
+        assert tok[q + 1] == G + 1 + elems.index(p)
+
+
+def test_word_problem_needs_targets_and_checks_arguments():
+    with pytest.raises(ValueError, match="word_problem.*with_targets"):
+        make_sample("word_problem", _rng(0), 32, {})
+    with pytest.raises(ValueError, match="group"):
+        tasks.word_problem(_rng(0), 32, group="Q")
+    with pytest.raises(ValueError, match="layout"):
+        tasks.word_problem(_rng(0), 32, layout="both")
+
+
+def _check_recall(tok, mask, keys, values, multi_query=True):
+    """Walk the pairs with a dict: the map is consistent, and exactly the repeated keys are scored
+    with their first value (which the input shows before, and never at the scored position)."""
+    kv, want = {}, np.zeros_like(mask)
+    for i in range(0, 2 * ((len(tok) - (0 if multi_query else 3)) // 2), 2):
+        k, v = int(tok[i]), int(tok[i + 1])
+        if k not in keys:
+            assert k >= len(keys) + len(values) and v >= len(keys) + len(values)  # a noise pair
+            continue
+        assert v in values and kv.setdefault(k, v) == v
+        want[i] = multi_query and i > 0 and k in kv and tok[:i].tolist().count(k) > 0
+    if multi_query:
+        assert (mask == want).all()
+    else:
+        q = np.flatnonzero(mask)
+        assert len(q) == 1 and tok[q[0] - 1] == max(values) + 1 and tok[q[0] + 1] == kv[int(tok[q[0]])]
+    for q in np.flatnonzero(mask):
+        assert tok[q] in keys and tok[q + 1] == kv[int(tok[q])]
+    return kv
+
+
+def test_in_context_recall_and_noisy_recall():
+    for i in range(10):
+        out = tasks.in_context_recall(_rng(i), 256)  # MAD: vocab 16, multi-query: keys 0..7, values 8..15
+        assert out["loss_mask"].sum() > 50
+        _check_recall(out["tokens"], out["loss_mask"], set(range(8)), set(range(8, 16)))
+        out = tasks.in_context_recall(_rng(i), 255, multi_query=False)  # keys 0..6, values 7..14, copy 15
+        _check_recall(out["tokens"], out["loss_mask"], set(range(7)), set(range(7, 14)) | {14}, multi_query=False)
+        out = tasks.noisy_recall(_rng(i), 256)  # vocab 32, 16 noise ids after keys 0..7 and values 8..15
+        tok = out["tokens"]
+        assert ((tok >= 16) & (tok < 32)).any()
+        _check_recall(tok, out["loss_mask"], set(range(8)), set(range(8, 16)))
+
+
+def test_fuzzy_recall():
+    K = 7  # vocab 16: keys 0..6, values 7..14, pad 15
+    for i in range(10):
+        out = tasks.fuzzy_recall(_rng(i), 256)
+        tok, mask = out["tokens"], out["loss_mask"]
+        want, kv, t = np.zeros_like(mask), {}, 0
+        while t < len(tok) and tok[t] != 15:  # motifs: a run of key ids, then a run of value ids
+            k0 = t
+            while tok[t] < K:
+                t += 1
+            v0 = t
+            while t < len(tok) and K <= tok[t] < 15:
+                t += 1
+            k, v = tuple(tok[k0:v0]), tuple(tok[v0:t])
+            if k in kv:  # a key motif seen before: the positions that predict its value's tokens
+                want[v0 - 1: t - 1] = True
+            assert 1 <= len(k) <= 3 and 1 <= len(v) <= 3 and kv.setdefault(k, v) == v
+        assert (tok[t:] == 15).all() and mask.any()
+        assert (mask == want).all()
+
+
+def test_compression():
+    for i in range(5):
+        out = tasks.compression(_rng(i), 256)  # vocab 16: data 0..14, compression token 15
+        tok, mask = out["tokens"], out["loss_mask"]
+        n = 128
+        assert tok[n] == 15 and (tok[:n] < 15).all()
+        assert np.flatnonzero(mask).tolist() == list(range(n, 2 * n))
+        assert tok[n + 1: 2 * n + 1].tolist() == tok[:n].tolist()  # the scored targets, shown before the token only
+
+
+def test_memorization_map_is_fixed_and_never_in_context():
+    seen = {}
+    for i in range(20):
+        out = tasks.memorization(_rng(i), 256)  # vocab 256: keys 0..127, values 128..255
+        tok, mask = out["tokens"], out["loss_mask"]
+        assert np.flatnonzero(mask).tolist() == list(range(0, 256, 2))
+        keys = tok[0:256:2].tolist()
+        assert len(set(keys)) == len(keys) and max(keys) < 128  # no key twice: nothing to recall in context
+        for q in np.flatnonzero(mask):
+            k, v = int(tok[q]), int(tok[q + 1])
+            assert 128 <= v < 256 and seen.setdefault(k, v) == v  # the same value in every sample
+            assert v not in tok[:q + 1]  # the answer is not in the context before it is asked
+    assert len(set(seen.values())) == len(seen)  # a bijection
+    other = tasks.memorization(_rng(0), 256, kv_map_seed=7)["tokens"]
+    assert other[1] != tasks.memorization_map(256, 12345)[other[0]]
+
+
+@pytest.mark.parametrize("name", ["word_problem", "in_context_recall", "noisy_recall", "fuzzy_recall",
+                                  "selective_copy", "compression", "memorization"])
+def test_every_task_runs_with_defaults_at_256(name):
+    tok, mask, starts, tgt = make_sample(name, _rng(0), 256, {}, with_targets=True)
+    assert tok.shape == (257,) and mask.shape == starts.shape == tgt.shape == (256,) and mask.any()
+    assert TASKS[name] is tasks.TASKS[name]
+
+
+def test_mad_task_trains_through_the_loader():
+    cfg = from_dict({"model": {"vocab_size": 16}, "train": {"seq_len": 64, "global_batch_size": 2},
+                     "data": {"source": "synthetic", "task": "in_context_recall"}})
+    b = next(iter(build_loader(cfg)))
+    scored = b["labels"] != -100
+    assert scored.any() and (b["labels"][scored] >= 8).all()  # values only

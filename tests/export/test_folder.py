@@ -197,3 +197,22 @@ def test_export_refuses_a_tokenizer_larger_than_the_vocabulary(tmp_path):
     cfg = ModelConfig(vocab_size=100, d_model=16, n_layers=1, pattern="G")
     with pytest.raises(ValueError, match="258 tokens but model.vocab_size=100"):
         write_folder(tmp_path, cfg, HybridLM(cfg).state_dict(), tok=make_tokenizer("bytes"))
+
+
+def test_config_without_hlru_readout_reads_as_the_old_last_readout(tmp_path):
+    """An export made before model.hlru_readout existed has no such key: it read out y_t alone."""
+    import dataclasses
+
+    for readout in ("state", "last"):
+        cfg = dataclasses.replace(HYBRID, pattern="HA", n_layers=2, hlru_readout=readout)
+        (tmp_path / readout).mkdir()
+        model, hf = _export(tmp_path / readout, cfg)
+        assert hf.config.hlru_readout == readout
+        ids = torch.tensor([[1, 2, 3, 4, 5]])
+        torch.testing.assert_close(hf(ids).logits, model(ids), rtol=1e-5, atol=1e-5)
+    saved = json.loads((tmp_path / "last" / "config.json").read_text())
+    saved.pop("hlru_readout", None)
+    (tmp_path / "last" / "config.json").write_text(json.dumps(saved))
+    from transformers import AutoConfig
+
+    assert AutoConfig.from_pretrained(str(tmp_path / "last"), trust_remote_code=True).hlru_readout == "last"

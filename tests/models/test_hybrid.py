@@ -96,8 +96,10 @@ def expected_params(cfg: ModelConfig) -> int:
         "attn": D * H * hd * 2 + 2 * D * Hkv * hd,
         "lru": 2 * (S // 2) + 2 * D * S + D,
         "glru": 3 * D * S + S,
-        "bdlru": (D + 1) * (S // m) * m * (m + 1) + 2 * D * S,
-        "hlru": (D + 1) * S * (m + 1) + 2 * D * S,
+        # gates: Linear(D, .) with bias, or (non-selective) one logit table; H-LRU's 'state'
+        # readout is Linear(S * m, D) over the last m values
+        "bdlru": (D + 1 if cfg.selective else 1) * (S // m) * m * (m + 1) + 2 * D * S,
+        "hlru": (D + 1 if cfg.selective else 1) * S * (m + 1) + D * S + D * S * (m if cfg.hlru_readout == "state" else 1),
     }
     per_kind["swa"] = per_kind["attn"]
     per_kind["blur"] = 2 * per_kind["lru"]
@@ -111,6 +113,8 @@ def expected_params(cfg: ModelConfig) -> int:
     dict(),
     dict(tie_embeddings=False, pattern="BBA", n_layers=5, block_size=4, d_state=16, ffn_dim=40),
     dict(pattern="RA", causal=False),
+    dict(pattern="HBA", block_size=4, hlru_readout="last"),
+    dict(pattern="HBA", block_size=3, d_state=12, selective=False),
 ])
 def test_parameter_count_matches_formula(kw):
     cfg = model_cfg(**kw)

@@ -20,6 +20,8 @@ def norm_rows(g, norm):
     if norm == "relu":
         r = g.clamp(min=0)
         return r / (r.sum(-1, keepdim=True) + 1e-6)
+    if norm == "lin_l1":
+        return g / (g.abs().sum(-1, keepdim=True) + 1e-6)
     t = torch.tanh(g)
     return t / (t.abs().sum(-1, keepdim=True) + 1e-6)
 
@@ -62,9 +64,16 @@ def glru_loop(mod: GLRU, x, ds=None):
     return mod.out_proj(torch.stack(ys, 1))
 
 
+def gate_logits(mod, x, shape):
+    """Selective: W_g x_t + b_g; non-selective: the same table at every step."""
+    if isinstance(mod.gate, torch.nn.Linear):
+        return mod.gate(x).view(B, T, *shape)
+    return torch.stack([torch.stack([mod.gate.view(shape)] * T)] * B)
+
+
 def bdlru_loop(mod: BDLRU, x, norm, ds=None):
     n, m = mod.n, mod.m
-    P = norm_rows(mod.gate(x).view(B, T, n, m, m + 1), norm)
+    P = norm_rows(gate_logits(mod, x, (n, m, m + 1)), norm)
     v = mod.value(x).view(B, T, n, m)
     h = torch.zeros(B, n, m)
     ys = []
@@ -76,19 +85,23 @@ def bdlru_loop(mod: BDLRU, x, norm, ds=None):
     return mod.out_proj(torch.stack(ys, 1))
 
 
-def hlru_loop(mod: HLRU, x, norm, ds=None):
+def hlru_loop(mod: HLRU, x, norm, ds=None, state=None):
+    """Per step; readout 'state': W_o over (h_t, ..., h_{t-m+1}) laid out (N, m), lag last."""
     n, m = mod.n, mod.m
-    P = norm_rows(mod.gate(x).view(B, T, n, m + 1), norm)
+    P = norm_rows(gate_logits(mod, x, (n, m + 1)), norm)
     v = mod.value(x)
-    hist = [torch.zeros(B, n) for _ in range(m)]  # hist[k-1] = h_{t-k}
+    hist = [torch.zeros(B, n) if state is None else state[..., k] for k in range(m)]  # hist[k-1] = h_{t-k}
     ys = []
     for t in range(T):
         if ds is not None:
             hist = [h * (~ds[:, t])[:, None] for h in hist]
         h = sum(P[:, t, :, k] * hist[k] for k in range(m)) + P[:, t, :, m] * v[:, t]
         hist = [h] + hist[:-1]
-        ys.append(h)
-    return mod.out_proj(torch.stack(ys, 1))
+        if mod.readout == "last":
+            ys.append(h)
+        else:
+            ys.append(torch.stack(hist, -1).reshape(B, n * m))  # index n*m + k holds h_{t-k}
+    return torch.stack(ys, 1) @ mod.out_proj.weight.T
 
 
 def rope_complex(x, pos, theta):
@@ -144,7 +157,7 @@ def test_glru_matches_loop(with_docs):
     torch.testing.assert_close(mod(x, ds)[0], glru_loop(mod, x, ds))
 
 
-@pytest.mark.parametrize("norm", ["softmax", "sigmoid", "relu", "tanh"])
+@pytest.mark.parametrize("norm", ["softmax", "sigmoid", "relu", "tanh", "lin_l1"])
 @pytest.mark.parametrize("m", [1, 2, 3, 4])
 def test_bdlru_matches_loop(norm, m):
     mod = BDLRU(D, 4 * m, m, norm)
@@ -155,15 +168,89 @@ def test_bdlru_matches_loop(norm, m):
     torch.testing.assert_close(mod(x)[0], bdlru_loop(mod, x, norm))
 
 
-@pytest.mark.parametrize("norm", ["softmax", "tanh"])
+@pytest.mark.parametrize("readout", ["state", "last"])
+@pytest.mark.parametrize("norm", ["softmax", "tanh", "lin_l1"])
 @pytest.mark.parametrize("m", [1, 2, 4])
-def test_hlru_matches_loop(norm, m):
-    mod = HLRU(D, 5, m, norm)
+def test_hlru_matches_loop(norm, m, readout):
+    mod = HLRU(D, 5, m, norm, readout=readout)
     torch.nn.init.normal_(mod.gate.weight, std=0.5)
     x = torch.randn(B, T, D)
     ds = doc_starts(B, T, [2, 7])
     torch.testing.assert_close(mod(x, ds)[0], hlru_loop(mod, x, norm, ds))
     torch.testing.assert_close(mod(x)[0], hlru_loop(mod, x, norm))
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+def test_hlru_state_readout_reads_every_lag(m):
+    mod = HLRU(D, 5, m, "softmax", readout="state")
+    assert mod.out_proj.weight.shape == (D, 5 * m)
+    torch.nn.init.normal_(mod.gate.weight, std=0.5)
+    x = torch.randn(B, T, D)
+    ds = doc_starts(B, T, [0, 2, 7])
+    ds[1, 8] = True  # rows differ
+    torch.testing.assert_close(mod(x, ds)[0], hlru_loop(mod, x, "softmax", ds))
+    torch.testing.assert_close(mod(x)[0], hlru_loop(mod, x, "softmax"))
+    # from a state: the lags before the slice are the state's entries
+    s0 = torch.randn(B, 5, m)
+    torch.testing.assert_close(mod(x, None, s0)[0], hlru_loop(mod, x, "softmax", None, s0))
+    # a lag that a document start separates from t does not count, even one from the state
+    ds0 = doc_starts(B, T, [0, 6])
+    torch.testing.assert_close(mod(x, ds0, s0)[0], hlru_loop(mod, x, "softmax", ds0, s0))
+
+
+def test_hlru_state_readout_weights_each_lag():
+    # W_o = e_{n*m + k}: the output is h_{t-k}[n] alone, against the 'last' readout's outputs
+    m, n = 3, 2
+    mod = HLRU(D, n, m, readout="state")
+    last = HLRU(D, n, m, readout="last")
+    last.load_state_dict({k: v for k, v in mod.state_dict().items() if k != "out_proj.weight"}, strict=False)
+    x = torch.randn(B, T, D)
+    with torch.no_grad():
+        last.out_proj.weight.copy_(torch.eye(D, n))
+        h = last(x)[0][..., :n]  # (B, T, N): h_t
+        for k in range(m):
+            mod.out_proj.weight.zero_()
+            mod.out_proj.weight[0, 1 * m + k] = 1.0
+            want = torch.cat([torch.zeros(B, k), h[:, : T - k, 1]], 1)
+            torch.testing.assert_close(mod(x)[0][..., 0], want)
+
+
+@pytest.mark.parametrize("kind", ["bdlru", "hlru"])
+@pytest.mark.parametrize("norm", ["softmax", "lin_l1"])
+def test_non_selective_and_options_match_loop(kind, norm):
+    m = 2
+    if kind == "bdlru":
+        mod = BDLRU(D, 4 * m, m, norm, gate_init="uniform", selective=False)
+        assert isinstance(mod.gate, torch.nn.Parameter) and mod.gate.shape == (4 * m * (m + 1),)
+    else:
+        mod = HLRU(D, 5, m, norm, gate_init="uniform", selective=False)
+        assert isinstance(mod.gate, torch.nn.Parameter) and mod.gate.shape == (5 * (m + 1),)
+    with torch.no_grad():
+        mod.gate.normal_(0.0, 1.0)
+    x = torch.randn(B, T, D)
+    ds = doc_starts(B, T, [4])
+    loop = bdlru_loop if kind == "bdlru" else hlru_loop
+    torch.testing.assert_close(mod(x, ds)[0], loop(mod, x, norm, ds))
+    # time-constant transitions: the gate gets a gradient through the table alone
+    mod(x, ds)[0].sum().backward()
+    assert mod.gate.grad is not None and mod.gate.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("selective", [True, False])
+def test_gate_init(selective):
+    torch.manual_seed(1)
+    for cls, args, own_past in ((BDLRU, (D, 8, 2), lambda b: b[:, [0, 1], [0, 1]]), (HLRU, (D, 4, 2), lambda b: b[:, 0])):
+        uni = cls(*args, gate_init="uniform", selective=selective)
+        long = cls(*args, gate_init="long_memory", selective=selective)
+        tab = lambda mod: (mod.gate.bias if selective else mod.gate).view(*mod.shape)  # noqa: E731
+        assert (tab(uni) == 0).all()
+        assert (own_past(tab(long)) == 3.0).all() and tab(long).sum() == 3.0 * own_past(tab(long)).numel()
+        if selective:
+            assert abs(float(uni.gate.weight.detach().std()) - 0.02) < 0.005
+    with pytest.raises(ValueError, match="gate_init"):
+        BDLRU(D, 8, 2, gate_init="warm")
+    with pytest.raises(ValueError, match="hlru_readout"):
+        HLRU(D, 4, 2, readout="all")
 
 
 @pytest.mark.parametrize("with_docs", [False, True])
@@ -181,3 +268,82 @@ def test_attention_matches_loop(window, n_kv):
     ds = doc_starts(B, T, [6])
     torch.testing.assert_close(mod(x, ds)[0], attention_loop(mod, x, ds))
     torch.testing.assert_close(mod(x)[0], attention_loop(mod, x))
+
+
+@pytest.mark.parametrize("selective", [True, False])
+@pytest.mark.parametrize("kind", ["hlru_state", "hlru_last", "bdlru"])
+def test_step_mode_and_chunked_prefill_equal_full_forward(kind, selective):
+    m = 3
+    mod = (BDLRU(D, 2 * m, m, selective=selective) if kind == "bdlru"
+           else HLRU(D, 4, m, selective=selective, readout=kind.split("_")[1]))
+    x = torch.randn(B, T, D)
+    ds = doc_starts(B, T, [5])
+    ds[1, 7] = True
+    full, last = mod(x, ds)
+    for cuts in ([(0, 4), (4, 5), (5, 9), (9, T)], [(t, t + 1) for t in range(T)]):  # chunks, steps
+        state, outs = mod.init_state(B), []
+        for a, b in cuts:
+            y, state = mod(x[:, a:b], ds[:, a:b], state)
+            outs.append(y)
+        torch.testing.assert_close(torch.cat(outs, 1), full)
+        torch.testing.assert_close(state, last)
+
+
+@pytest.mark.parametrize("backend", ["ref", "torch"])
+@pytest.mark.parametrize("m", [1, 3])
+def test_companion_lags_split_scan_matches_whole_scan(backend, m):
+    """The split scan sequence parallelism runs (local -> finish(h0) -> adjoint -> finish(g_last))
+    gives CompanionLags' outputs and every gradient, dL/dh0 with the lags' share included."""
+    from llm_lru.kernels import COMPANION, set_backend
+    from llm_lru.kernels.ops import get_backend
+    from llm_lru.models.recurrent import CompanionLags
+
+    op = CompanionLags(COMPANION, m)  # ref: the generic TwoPassScan inside; torch: the chunked native split
+    N = 3
+    a = 0.9 * torch.softmax(torch.randn(B, T, N, m), -1)
+    u, h0 = torch.randn(B, T, N), torch.randn(B, N, m)
+    ds = doc_starts(B, T, [6])
+    g_h, g_last = torch.randn(B, T + m - 1, N), torch.randn(B, N, m)
+    old = get_backend()
+    set_backend(backend)
+    try:
+        leaves = [x.clone().requires_grad_() for x in (a, u, h0)]
+        h, h_last = op(*leaves, False, ds)
+        torch.autograd.backward([h, h_last], [g_h, g_last])
+        part = op.local(a, u, False, ds)
+        hp, lp = part.finish(h0)
+        torch.testing.assert_close(hp, h.detach())
+        torch.testing.assert_close(lp, h_last.detach())
+        torch.testing.assert_close(op.apply(part.P, h0) + part.s, h_last.detach())
+        grad = part.adjoint(g_h, part.saved())
+        torch.testing.assert_close(grad.h0_grad(g_last), leaves[2].grad)
+        for got, x in zip(grad.finish(g_last), leaves):
+            torch.testing.assert_close(got, x.grad)
+    finally:
+        set_backend(old)
+
+
+def test_lin_l1_guards_the_all_zero_row_and_the_fused_path_refuses_it():
+    from llm_lru.kernels.gates import check_norm, normalize_rows
+
+    mod = BDLRU(D, 4, 2, "lin_l1", gate_init="uniform", selective=False)  # an all-zero logit table
+    y, h = mod(torch.randn(B, T, D))
+    assert torch.isfinite(y).all() and (h == 0).all()  # no input weight, no transition: the state stays 0
+    P = normalize_rows(torch.tensor([[0.5, -1.5, 2.0], [0.0, 0.0, 0.0]]), "lin_l1")
+    torch.testing.assert_close(P, torch.tensor([[0.125, -0.375, 0.5], [0.0, 0.0, 0.0]]), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="lin_l1.*no fused Triton kernel"):
+        check_norm("lin_l1")
+
+
+def test_config_keys_are_validated_by_name():
+    from llm_lru.config import ConfigError, from_dict
+
+    def model(**kw):
+        return from_dict({"data": {"source": "random"}, "model": {"vocab_size": 16, **kw}}).model
+
+    m = model(gate_norm="lin_l1", gate_init="uniform", selective=False, hlru_readout="last")
+    assert (m.gate_norm, m.gate_init, m.selective, m.hlru_readout) == ("lin_l1", "uniform", False, "last")
+    assert (model().gate_init, model().selective, model().hlru_readout) == ("long_memory", True, "state")
+    for key, bad in (("gate_init", "warm"), ("hlru_readout", "all"), ("gate_norm", "l2"), ("selective", "maybe")):
+        with pytest.raises(ConfigError, match=f"model.{key}"):
+            model(**{key: bad})
