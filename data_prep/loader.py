@@ -1,23 +1,26 @@
 """The training/eval loader: a deterministic plan over the manifest, read through webdataset.
 
-Which sample goes into which batch is a pure function of (seed, epoch, batch index, rank layout),
+Which sample goes into which batch is a pure function of (seed, epoch, global position),
 computed from the manifest's per-shard sample counts, so that:
 
-- every sample of an epoch is read exactly once over all DP ranks x loader workers, and every
-  DP rank takes the same `steps_per_epoch = N // (dp_size * B)` steps (N samples, B per rank);
-  the last N mod (dp_size * B) samples of each epoch's shuffled order are left out that epoch
-  (a different set each epoch; counted in `dropped_per_epoch` and logged once);
-- however few the shards, no rank or worker is starved: ranks get contiguous sample ranges of the
-  epoch's shard order, cut across shard boundaries (a shard can be shared by ranks and workers);
-- resuming needs only the number of batches consumed (`state_dict()`), and yields exactly the
-  batches the uninterrupted loader would have yielded next.
+- the epoch is one global order of samples, the same whatever the DP size or the number of
+  loader workers: optimizer step k takes positions [k*G, (k+1)*G) of it (G =
+  train.global_batch_size), so a run resumed at another DP size trains on exactly the batches
+  the uninterrupted run would have, and every sample of an epoch is read exactly once;
+- every DP rank takes the same `steps_per_epoch` batches; the last N mod G samples of each
+  epoch's shuffled order are left out that epoch (a different set each epoch; counted in
+  `dropped_per_epoch` and logged once);
+- however few the shards, no rank or worker is starved: positions are cut across shard boundaries;
+- resuming needs only the global number of samples consumed (`state_dict()`), and yields exactly
+  the batches the uninterrupted loader would have yielded next, also at another DP size or
+  worker count (the position is re-split; it must be a whole number of the new layout's steps).
 
-Epoch e: shards in a seeded permutation; rank r owns positions [r*S*B, (r+1)*S*B) of that order
-(S = steps_per_epoch); its range is cut into W contiguous parts, part w serving batches i with
-i % W == w (loader worker w); inside a part, windows of `data.shuffle_buffer` samples (rounded to
-a multiple of B) are permuted with a seed of (seed, epoch, rank, part, window), and batch i takes
-the next B samples of its part. Changing data.num_workers or the DP size changes the stream, so
-`load_state_dict` refuses it. split="val" never shuffles.
+Epoch e: shards in a seeded permutation, concatenated; the first E = N // G * G positions are cut
+into windows of `data.shuffle_buffer` samples (rounded to a multiple of G), each permuted with a
+seed of (seed, epoch, window). Micro batch i of DP rank r takes shuffled positions
+[i*D + r*B, i*D + (r+1)*B) (D = dp_size * B); loader worker w serves the batches with
+i % W == w. Each worker reads the whole window its batches lie in (dp_size x W reads of the token
+data, which is small next to a step's compute). split="val" never shuffles and reads only its rows.
 
 Batches: dict of torch tensors cut to this SP rank's slice T_local = seq_len // sp_size:
 input_ids int64 (B, T_local), labels int64 (B, T_local) (-100: ignored), doc_start bool (B, T_local).
@@ -39,7 +42,7 @@ from llm_lru.data_prep.tokenizer import sha256_file
 log = logging.getLogger("llm_lru.data")
 IGNORE = -100
 NOMINAL_EPOCH = 1000    # steps per "epoch" of the endless random/synthetic sources
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 @dataclass
@@ -63,12 +66,14 @@ class Layout:
         if self.seq_len % self.sp_size:
             raise ValueError(f"train.seq_len={self.seq_len} is not divisible by the SP size {self.sp_size}")
 
-    def to_batch(self, tokens: np.ndarray, mask: np.ndarray, starts: np.ndarray) -> Dict[str, torch.Tensor]:
-        """tokens (B, L+1), mask (B, L) loss mask, starts (B, L) -> this SP rank's slice."""
+    def to_batch(self, tokens: np.ndarray, mask: np.ndarray, starts: np.ndarray,
+                 targets: Optional[np.ndarray] = None) -> Dict[str, torch.Tensor]:
+        """tokens (B, L+1), mask (B, L) loss mask, starts (B, L) -> this SP rank's slice.
+        targets (B, L): the labels where a task gives its own (default: the next tokens)."""
         t = self.seq_len // self.sp_size
         sl = slice(self.sp_rank * t, (self.sp_rank + 1) * t)
         tok = torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64))
-        labels = tok[:, 1:].clone()
+        labels = (tok[:, 1:] if targets is None else torch.from_numpy(np.asarray(targets, dtype=np.int64))).clone()
         labels[~torch.from_numpy(np.ascontiguousarray(mask))] = IGNORE
         return {"input_ids": tok[:, :-1][:, sl].contiguous(), "labels": labels[:, sl].contiguous(),
                 "doc_start": torch.from_numpy(np.ascontiguousarray(starts[:, sl]))}
@@ -90,31 +95,33 @@ class Plan:
     pad_id: int
     dtype: str                                # token dtype on disk (manifest)
 
+    global_batch: int                         # samples per optimizer step over all DP ranks (G)
+
     def __post_init__(self):
         self.counts = np.array([s[1] for s in self.shards], np.int64)
         self.n = int(self.counts.sum())
         lay = self.layout
-        self.steps = self.n // (lay.dp_size * lay.batch_size)
+        self.row = lay.dp_size * lay.batch_size              # positions per micro step, all ranks
+        if self.global_batch % self.row:
+            raise ValueError(f"train.global_batch_size={self.global_batch} is not a multiple of "
+                             f"dp_size x batch_size = {lay.dp_size} x {lay.batch_size}")
+        self.epoch_len = self.n // self.global_batch * self.global_batch
+        self.steps = self.epoch_len // self.row
 
     def shard_order(self, epoch: int) -> np.ndarray:
         if not self.shuffle:
             return np.arange(len(self.shards))
         return np.random.default_rng([self.seed, epoch, 0x5A]).permutation(len(self.shards))
 
-    def part(self, w: int) -> Tuple[int, int]:
-        """(first batch-row position in the rank range, length in samples) of part w."""
-        s, W, B = self.steps, self.workers, self.layout.batch_size
-        counts = [(s - v + W - 1) // W for v in range(W)]
-        return sum(counts[:w]) * B, counts[w] * B
+    def first(self, i: int) -> int:
+        """Shuffled epoch position of this rank's first row of micro batch i."""
+        return i * self.row + self.layout.dp_rank * self.layout.batch_size
 
-    def locate(self, i: int) -> Tuple[int, int, int, int]:
-        """Batch i of an epoch -> (part w, window c, window start, window length) in part coords."""
-        W, B = self.workers, self.layout.batch_size
-        w, j = i % W, i // W
-        _, plen = self.part(w)
-        c = (j * B) // self.window
+    def locate(self, q: int) -> Tuple[int, int, int]:
+        """Shuffled position q -> (window c, window start, window length); a batch never straddles two."""
+        c = q // self.window
         start = c * self.window
-        return w, c, start, min(self.window, plen - start)
+        return c, start, min(self.window, self.epoch_len - start)
 
 
 class ShardStream:
@@ -216,24 +223,25 @@ class _ShardDataset(torch.utils.data.IterableDataset):
         g = self.start + p
         while True:
             e, i = divmod(g, plan.steps)
-            w, c, wstart, wlen = plan.locate(i)
-            if cache_key != (e, w, c):
-                poff, _ = plan.part(w)
-                a = lay.dp_rank * plan.steps * lay.batch_size + poff + wstart
-                tokens, starts, valid = stream.read_range(plan.shard_order(e), a, a + wlen)
-                perm = (np.random.default_rng([plan.seed, e, lay.dp_rank, w, c]).permutation(wlen)
-                        if plan.shuffle else np.arange(wlen))
-                cache_key, cache = (e, w, c), (tokens[perm], starts[perm], valid[perm])
-            j0 = (i // plan.workers) * lay.batch_size - wstart
-            sl = slice(j0, j0 + lay.batch_size)
-            tokens, starts, valid = (x[sl] for x in cache)
+            q = plan.first(i)
+            if not plan.shuffle:
+                tokens, starts, valid = stream.read_range(plan.shard_order(e), q, q + lay.batch_size)
+            else:
+                c, wstart, wlen = plan.locate(q)
+                if cache_key != (e, c):
+                    tokens, starts, valid = stream.read_range(plan.shard_order(e), wstart, wstart + wlen)
+                    perm = np.random.default_rng([plan.seed, e, c]).permutation(wlen)
+                    cache_key, cache = (e, c), (tokens[perm], starts[perm], valid[perm])
+                sl = slice(q - wstart, q - wstart + lay.batch_size)
+                tokens, starts, valid = (x[sl] for x in cache)
             mask = np.repeat(valid[:, None], lay.seq_len, axis=1)
             yield lay.to_batch(tokens, mask, starts)
             g += plan.workers
 
 
 class _GeneratedDataset(torch.utils.data.IterableDataset):
-    """Random or synthetic batches; batch G of rank r is a pure function of (seed, split, G, r)."""
+    """Random or synthetic batches; sample k (global index, as in the shard plan) is a pure function
+    of (seed, split, k), so the stream is the same whatever the DP layout."""
 
     def __init__(self, kind: str, layout: Layout, seed: int, split_id: int, start: int,
                  vocab_size: int, task: str = "", task_args: Optional[Dict[str, Any]] = None):
@@ -243,20 +251,20 @@ class _GeneratedDataset(torch.utils.data.IterableDataset):
     def batch(self, g: int) -> Dict[str, torch.Tensor]:
         lay = self.layout
         B, L = lay.batch_size, lay.seq_len
+        first = (g * lay.dp_size + lay.dp_rank) * B          # global index of this batch's first sample
         if self.kind == "random":
-            rng = np.random.default_rng([self.seed, self.split_id, g, lay.dp_rank])
-            tokens = rng.integers(0, self.vocab_size, size=(B, L + 1))
+            tokens = np.stack([np.random.default_rng([self.seed, self.split_id, first + b]).integers(
+                0, self.vocab_size, size=L + 1) for b in range(B)])
             starts = np.zeros((B, L), bool)
             starts[:, 0] = True
             return lay.to_batch(tokens, np.ones((B, L), bool), starts)
         from llm_lru.data_prep.synthetic import make_sample
         rows = []
         for b in range(B):
-            idx = (g * lay.dp_size + lay.dp_rank) * B + b     # global sample index
-            rng = np.random.default_rng([self.seed, self.split_id, idx])
-            rows.append(make_sample(self.task, rng, L, self.task_args, self.vocab_size))
-        tokens, mask, starts = (np.stack(x) for x in zip(*rows))
-        return lay.to_batch(tokens, mask, starts)
+            rng = np.random.default_rng([self.seed, self.split_id, first + b])
+            rows.append(make_sample(self.task, rng, L, self.task_args, self.vocab_size, with_targets=True))
+        tokens, mask, starts, targets = (np.stack(x) for x in zip(*rows))
+        return lay.to_batch(tokens, mask, starts, targets)
 
     def __iter__(self):
         g = self.start
@@ -278,7 +286,7 @@ class Loader:
         self.num_workers, self.plan, self.gen = num_workers, plan, gen
         self.step = 0
         self.steps_per_epoch = plan.steps if plan else NOMINAL_EPOCH
-        self.dropped_per_epoch = plan.n - plan.steps * layout.dp_size * layout.batch_size if plan else 0
+        self.dropped_per_epoch = plan.n - plan.epoch_len if plan else 0
         self.fingerprint = dict(fingerprint or {})
 
     @property
@@ -310,22 +318,36 @@ class Loader:
                 shutdown()
 
     def state_dict(self) -> Dict[str, Any]:
-        """Plain JSON-able position: enough to resume exactly (with the same config)."""
+        """Plain JSON-able position: enough to resume exactly, also at another DP size.
+
+        `position` counts samples consumed over all DP ranks since the start (epochs included).
+        """
         lay = self.layout
         return {"version": STATE_VERSION, "source": self.kind, "step": self.step, "epoch": self.epoch,
                 "batch_in_epoch": self.step % self.steps_per_epoch,
-                "samples_consumed": self.step * lay.batch_size, "steps_per_epoch": self.steps_per_epoch,
+                "position": self.step * lay.dp_size * lay.batch_size, "steps_per_epoch": self.steps_per_epoch,
                 "seed": self.seed, "dp_rank": lay.dp_rank, "dp_size": lay.dp_size,
                 "batch_size": lay.batch_size, "seq_len": lay.seq_len, **self.fingerprint}
 
     def load_state_dict(self, d: Dict[str, Any]) -> None:
-        """Continue from a state_dict(); refuses one made with a stream-changing setting."""
+        """Continue from a state_dict(), re-split over this loader's DP layout.
+
+        Refuses a state made with a stream-changing setting (seed, seq_len, the global batch, the
+        data), or a position that is not a whole number of this layout's micro steps.
+        """
+        if d.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state: version {d.get('version')!r}, this loader reads {STATE_VERSION} "
+                             "(the plan changed; restart the data stream)")
         mine = self.state_dict()
-        for key in ("source", "seed", "dp_size", "batch_size", "seq_len", "steps_per_epoch", *self.fingerprint):
+        for key in ("source", "seed", "seq_len", *self.fingerprint):
             if key in d and d[key] != mine[key]:
                 raise ValueError(f"loader state: '{key}' was {d[key]!r} when saved, is {mine[key]!r} now; "
                                  f"the data stream would differ, so resuming is refused")
-        self.step = int(d["step"])
+        row = self.layout.dp_size * self.layout.batch_size
+        if int(d["position"]) % row:
+            raise ValueError(f"loader state: position {d['position']} is not a whole number of micro steps of "
+                             f"dp_size x batch_size = {row}; keep train.global_batch_size when resuming")
+        self.step = int(d["position"]) // row
 
 
 def _manifest(key: str, folder: str) -> Dict[str, Any]:
@@ -390,15 +412,18 @@ def build_loader(run_cfg, split: str = "train", dp_rank: int = 0, dp_size: int =
         raise ValueError(f"model.vocab_size={vocab} is smaller than the tokenizer's {tv} ({key}={folder})")
     shards = [(s["name"], s["samples"], s["sha256"]) for s in m["splits"][want]["shards"]]
     shuffle = d.shuffle and split == "train"
-    window = max(B, (d.shuffle_buffer // B) * B) if shuffle else B
+    # Positions per optimizer step (the unit a resume at another dp re-splits). Validation, and a
+    # caller's own batch size that does not divide the global batch, step one micro batch at a time.
+    G = t.global_batch_size if split == "train" and t.global_batch_size % (dp_size * B) == 0 else dp_size * B
+    window = max(G, (d.shuffle_buffer // G) * G) if shuffle else G
     workers = max(1, d.num_workers)
     plan = Plan(m["_dir"], shards, lay, workers, seed, shuffle, window, d.skip_bad_shards,
-                m["tokenizer"]["pad_id"], m["dtype"])
+                m["tokenizer"]["pad_id"], m["dtype"], G)
     if plan.steps < 1:
-        raise ValueError(f"{key}: {plan.n} '{want}' samples cannot fill one step of dp_size x batch "
-                         f"= {dp_size} x {B} sequences")
+        raise ValueError(f"{key}: {plan.n} '{want}' samples cannot fill one step of {G} sequences "
+                         f"(dp_size {dp_size} x batch {B})")
     loader = Loader("shards", lay, seed, d.num_workers, plan=plan,
-                    fingerprint={"num_samples": plan.n, "workers": workers, "shuffle": shuffle, "window": window})
+                    fingerprint={"num_samples": plan.n, "global_batch": G, "shuffle": shuffle, "window": window})
     if loader.dropped_per_epoch and dp_rank == 0:
         log.info("%s: %d of %d samples per epoch are left out so that every DP rank takes %d steps "
                  "(a different set each epoch when shuffling)", folder, loader.dropped_per_epoch, plan.n, plan.steps)

@@ -11,6 +11,14 @@
 #   --rdzv-id ID         job id shared by the nodes    [RDZV_ID; default llm-lru]
 #   --max-restarts K     elastic restarts after a failure; each restart resumes from the
 #                        newest complete checkpoint (checkpoint.resume=auto)   [MAX_RESTARTS; default 0]
+#   --save-grace S       seconds the agent lets its workers save after forwarding a signal,
+#                        before it SIGKILLs them                   [SAVE_GRACE; default 300]
+#
+# Preemption: SIGTERM or SIGUSR1 to the agent (torchrun) is forwarded to every worker, which
+# finishes its step, saves a checkpoint and exits (checkpoint.save_signals; RUN/status.json
+# then says "preempted"; the agent itself exits 1). torchrun's defaults would not do: it leaves
+# SIGUSR1 unhandled (the agent dies, the workers are orphaned) and SIGKILLs the workers 30 s
+# after forwarding, so both are set here.
 #
 # One node:   launch/torchrun.sh --nproc-per-node 8 configs/gpt125m.yaml
 # Two nodes:  on each node, launch/torchrun.sh --nnodes 2 --node-rank R --rdzv node0:29500 CONFIG.yaml
@@ -26,6 +34,7 @@ node_rank="${NODE_RANK:-0}"
 rdzv="${RDZV_ENDPOINT:-}"
 rdzv_id="${RDZV_ID:-llm-lru}"
 max_restarts="${MAX_RESTARTS:-0}"
+save_grace="${SAVE_GRACE:-300}"
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -35,7 +44,8 @@ while [ $# -gt 0 ]; do
     --rdzv) rdzv="$2"; shift 2 ;;
     --rdzv-id) rdzv_id="$2"; shift 2 ;;
     --max-restarts) max_restarts="$2"; shift 2 ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    --save-grace) save_grace="$2"; shift 2 ;;
+    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
     --) shift; break ;;
     -*) echo "torchrun.sh: unknown option $1" >&2; exit 2 ;;
     *) break ;;
@@ -49,7 +59,8 @@ fi
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$repo/.torch_extensions}"
 
-args=(--nproc-per-node "$nproc" --max-restarts "$max_restarts")
+args=(--nproc-per-node "$nproc" --max-restarts "$max_restarts"
+      --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2 --shutdown-timeout "$save_grace")
 if [ "$nnodes" = 1 ] && [ -z "$rdzv" ]; then
   args+=(--standalone)
 else

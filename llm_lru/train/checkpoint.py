@@ -18,6 +18,14 @@ Layout (RUN = cfg.out_dir)::
                                         ".../step_00000200/ds") gives the fp32 state dict at any stage
         trainer/rank_00000.pt       per rank: loader state, RNG states (python, numpy, torch, cuda)
         COMPLETE                    written last by rank 0: JSON {step, files: {relpath: size}}
+        universal/state/            made on demand when a run resumes at another DP size:
+                                    DeepSpeed's universal checkpoint of ds/state (ds_to_universal)
+    RUN/status.json                 rank 0: {"status": running | finished | preempted | failed, "step"}
+
+Preemption: a signal of checkpoint.save_signals (default SIGTERM, SIGUSR1) reaching any rank makes
+every rank finish its step, save a checkpoint at that step and exit with PREEMPTED_EXIT (75,
+EX_TEMPFAIL: "run me again"); status.json then says "preempted". The handler only records the
+signal, so a second one during the save changes nothing.
 
 A checkpoint is complete iff COMPLETE exists, parses, and every listed file exists with its
 recorded size; anything else (a crash mid-save, a truncated file) is skipped with a warning.
@@ -25,14 +33,17 @@ recorded size; anything else (a crash mid-save, a truncated file) is skipped wit
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
 import re
 import shutil
+import signal
+import threading
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -42,6 +53,9 @@ LATEST = "latest"
 COMPLETE = "COMPLETE"
 DS_SUBDIR = "ds"
 DS_TAG = "state"
+UNIVERSAL_SUBDIR = "universal"
+STATUS = "status.json"
+PREEMPTED_EXIT = 75     # os.EX_TEMPFAIL: a signal save; the run continues when started again
 _STEP_RE = re.compile(r"^step_(\d+)$")
 
 
@@ -154,3 +168,118 @@ def prune(ckpt_root: Path, keep: int) -> List[Path]:
         shutil.rmtree(c, ignore_errors=True)
         removed.append(c)
     return removed
+
+
+# --- preemption ---------------------------------------------------------------------------
+
+class SaveSignals:
+    """Record the first of `names` (e.g. ["SIGTERM", "SIGUSR1"]) that reaches this process.
+
+    install() replaces the handlers (main thread only; elsewhere it warns and does nothing),
+    restore() puts the previous ones back. The handler does no I/O: the training loop reads
+    `received` once per step and agrees with the other ranks before it saves.
+    """
+
+    def __init__(self, names: Sequence[str]):
+        self.signals = [getattr(signal, n) for n in names]
+        self.received: Optional[str] = None
+        self._old: Dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is None:
+            self.received = signal.Signals(signum).name
+
+    def install(self) -> "SaveSignals":
+        if threading.current_thread() is not threading.main_thread():
+            if self.signals:
+                warnings.warn("checkpoint.save_signals: not the main thread, signals are not caught", stacklevel=2)
+            return self
+        for sig in self.signals:
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+
+
+def write_status(run_dir: Path, status: str, step: int) -> None:
+    """RUN/status.json, replaced atomically: what the last attempt of the run did (see launch/slurm.sbatch)."""
+    tmp = Path(run_dir) / f".{STATUS}.tmp"
+    _fsync_write(tmp, json.dumps({"status": status, "step": step}) + "\n")
+    os.replace(tmp, Path(run_dir) / STATUS)
+
+
+def read_status(run_dir: Path) -> Dict[str, Any]:
+    """RUN/status.json as a dict ({"status": "none"} when the run never started)."""
+    try:
+        return json.loads((Path(run_dir) / STATUS).read_text())
+    except (OSError, ValueError):
+        return {"status": "none", "step": 0}
+
+
+# --- resuming at another world size -------------------------------------------------------
+
+def read_meta(ckpt: Path) -> Dict[str, Any]:
+    return json.loads((Path(ckpt) / "meta.json").read_text())
+
+
+def check_resume(ckpt: Path, sp: int, dp: int, global_batch: int) -> bool:
+    """Whether `ckpt` can be resumed by a run of (sp, dp, global batch); True when DP changed.
+
+    Raises ValueError naming the key when it cannot: another parallel.sp, or another
+    train.global_batch_size (the data order and the schedule are defined per global batch).
+    """
+    meta = read_meta(ckpt)
+    if meta["sp"] != sp:
+        raise ValueError(f"parallel.sp: {ckpt} was written with sp={meta['sp']}, this run has sp={sp}; "
+                         "a resume may change the DP size (the number of nodes), not the SP size")
+    saved_batch = meta.get("global_batch_size", global_batch)
+    if saved_batch != global_batch:
+        raise ValueError(f"train.global_batch_size: {ckpt} was trained with {saved_batch}, this run has "
+                         f"{global_batch}; keep it when resuming (micro batch x accumulation x dp adapts)")
+    return meta["dp"] != dp
+
+
+def to_universal(ckpt: Path) -> Path:
+    """DeepSpeed's universal checkpoint of ckpt/ds (built once, beside it); returns its load dir.
+
+    Loaded with `{"checkpoint": {"load_universal": true}}` in the DS config, it restores weights
+    and the ZeRO-partitioned optimizer state at any DP size. Built in a temporary dir and renamed,
+    so an interrupted conversion is redone, never half used. Call on one rank.
+    """
+    out = Path(ckpt) / UNIVERSAL_SUBDIR
+    if (out / DS_TAG).is_dir():
+        return out
+    from deepspeed.checkpoint import ds_to_universal
+
+    tmp = Path(ckpt) / f".{UNIVERSAL_SUBDIR}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = argparse.Namespace(input_folder=str(Path(ckpt) / DS_SUBDIR / DS_TAG), output_folder=str(tmp / DS_TAG),
+                              num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+                              inject_missing_state=True)
+    ds_to_universal.main(args)
+    os.replace(tmp, out)
+    return out
+
+
+def group_hyperparams(optimizer) -> List[Dict[str, Any]]:
+    """The param groups' settings (all but their params), to be put back by repair_universal_load."""
+    return [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+
+
+def repair_universal_load(optimizer, hyper: List[Dict[str, Any]]) -> None:
+    """Undo two slips of DeepSpeed 0.19's ZeRO-3 universal load (seen with 2 param groups, dp 2 -> 1):
+    every group gets the first group's settings (weight decay on norms and biases), and every
+    group's state shares one `step` tensor, which each group's update then advances again.
+
+    `optimizer` is the engine's (ZeRO wrapper or client); `hyper` is group_hyperparams() of it
+    from before the load (the settings come from the config, not from the checkpoint).
+    """
+    for group, h in zip(optimizer.param_groups, hyper):
+        group.update(h)
+    inner = getattr(optimizer, "optimizer", optimizer)
+    for st in inner.state.values():
+        if torch.is_tensor(st.get("step")):
+            st["step"] = st["step"].clone()

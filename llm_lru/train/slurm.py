@@ -1,6 +1,9 @@
 """Derive a torchrun rendezvous from SLURM's environment (used by launch/slurm.sbatch).
 
     python -m llm_lru.train.slurm        # prints `export KEY=VALUE` lines for the batch script
+    python -m llm_lru.train.slurm status CONFIG.yaml [key=value ...]
+                                         # prints what the run's last attempt did (RUN/status.json):
+                                         # finished | preempted | failed | running | none
 
 Reads SLURM_JOB_NODELIST (expanded with `scontrol show hostnames`, or by `expand_nodelist`
 when scontrol is absent), SLURM_JOB_NUM_NODES, SLURM_JOB_ID and the GPUs per node
@@ -13,6 +16,8 @@ import os
 import re
 import shlex
 import subprocess
+import sys
+from pathlib import Path
 from typing import Dict, List, Mapping, Optional
 
 DEFAULT_PORT = 29500
@@ -111,7 +116,26 @@ def rendezvous(env: Optional[Mapping[str, str]] = None, port: Optional[int] = No
             "NPROC_PER_NODE": nproc, "RDZV_ID": f"slurm-{job}"}
 
 
-def main() -> int:
+def run_status(train_args: List[str]) -> str:
+    """The status word of RUN/status.json for `llm-lru train ARGS` (RUN: the resolved out_dir).
+
+    The batch script requeues the job when it is "preempted": torchrun reports any worker's
+    exit as 1, so the trainer's exit code (75) does not reach the script.
+    """
+    from llm_lru.config import load_config
+    from llm_lru.train.checkpoint import read_status
+
+    if not train_args:
+        raise ValueError("status: give the training arguments, CONFIG.yaml [key=value ...]")
+    overrides = [a for a in train_args[1:] if "=" in a and not a.startswith("-")]  # --resume does not move out_dir
+    return str(read_status(Path(load_config(train_args[0], overrides).out_dir))["status"])
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["status"]:
+        print(run_status(argv[1:]))
+        return 0
     for k, v in rendezvous().items():
         print(f"export {k}={shlex.quote(v)}")
     return 0

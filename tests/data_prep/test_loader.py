@@ -151,15 +151,24 @@ def test_resume_gives_the_identical_remaining_stream(small_prep, stop):
         assert all(torch.equal(a[key], b[key]) for key in a)
 
 
-def test_worker_count_and_resume_guard(small_prep):
+def test_resume_at_another_worker_count_or_dp_size_and_guard(small_prep):
     a = take(build_loader(cfg_for(small_prep, workers=0)), 6)
     b = take(build_loader(cfg_for(small_prep, workers=1)), 6)
     assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, b))
     ld = build_loader(cfg_for(small_prep, workers=1))
     take(ld, 3)
-    other = build_loader(cfg_for(small_prep, workers=2))
-    with pytest.raises(ValueError, match="workers"):
-        other.load_state_dict(ld.state_dict())
+    other = build_loader(cfg_for(small_prep, workers=2))     # the plan does not depend on W
+    other.load_state_dict(ld.state_dict())
+    assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(take(other, 3), a[3:]))
+    # dp 1 -> 2: the two ranks' next batches are the rows the one rank would have read next.
+    halves = []
+    for r in range(2):
+        two = build_loader(cfg_for(small_prep, workers=0), dp_rank=r, dp_size=2)
+        two.load_state_dict(ld.state_dict())
+        halves.append(take(two, 1)[0]["input_ids"])
+    assert torch.equal(torch.cat(halves), a[3]["input_ids"])
+    with pytest.raises(ValueError, match="global_batch"):
+        build_loader(cfg_for(small_prep, gbs=2)).load_state_dict(ld.state_dict())
 
 
 def test_doc_start_marks_first_tokens(small_prep):
@@ -265,6 +274,22 @@ def test_synthetic_copy_task_and_registry():
     bad = from_dict({"data": {"source": "synthetic", "task": "nope"}, "train": {"seq_len": 8}})
     with pytest.raises(ValueError, match="data.task"):
         build_loader(bad)
+
+
+def test_synthetic_task_targets_become_the_labels():
+    """word_problem (layout every) scores an answer token at every position, not the next input:
+    the loader's labels are the task's own targets, the same ones eval scores."""
+    from llm_lru.data_prep.synthetic import make_sample
+
+    cfg = from_dict({"data": {"source": "synthetic", "task": "word_problem", "task_args": {"group": "A", "n": 5}},
+                     "model": {"vocab_size": 128}, "train": {"seq_len": 32, "global_batch_size": 2, "seed": 5}})
+    b = take(build_loader(cfg), 1)[0]
+    for row in range(2):
+        tokens, mask, _, targets = make_sample("word_problem", np.random.default_rng([5, 0, row]), 32,
+                                               {"group": "A", "n": 5}, 128, with_targets=True)
+        assert b["input_ids"][row].tolist() == tokens[:-1].tolist()
+        assert b["labels"][row].tolist() == np.where(mask, targets, -100).tolist()
+        assert b["labels"][row].tolist() != tokens[1:].tolist()
 
 
 def test_eval_tasks_resolve_in_a_fresh_process():

@@ -29,3 +29,25 @@ def metrics(run_dir) -> list:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _train_ref(rank, world, overrides):
+    from llm_lru.config import load_config
+    from llm_lru.train import trainer
+
+    cfg = load_config(REPO / "configs" / "tiny.yaml", overrides)
+    trainer.train(cfg)
+    return metrics(cfg.out_dir) if rank == 0 else None
+
+
+def reference_metrics(world: int, overrides: list) -> list:
+    """metrics.jsonl of configs/tiny.yaml + `overrides` trained uninterrupted in a world of `world`
+    gloo processes (no launcher: the reference for a launched, interrupted run)."""
+    from tests.distributed import run_world
+
+    return run_world(_train_ref, world, list(overrides), timeout=600)[0]
+
+
+def read_status(run_dir) -> dict:
+    path = Path(run_dir) / "status.json"
+    return json.loads(path.read_text()) if path.exists() else {}

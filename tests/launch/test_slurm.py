@@ -12,7 +12,7 @@ import time
 import pytest
 
 from tests.distributed import free_port
-from tests.launch.common import REPO, TINY_OVERRIDES, env, metrics
+from tests.launch.common import REPO, TINY_OVERRIDES, env, metrics, read_status, reference_metrics
 
 
 def _ensure_slurm():
@@ -37,7 +37,8 @@ def slurm_cluster(tmp_path):
     conf = d / "slurm.conf"
     conf.write_text("\n".join([
         "ClusterName=llmlrutest", f"SlurmctldHost={host}", "SlurmUser=root", "SlurmdUser=root",
-        "AuthType=auth/none", "CredType=cred/none",
+        # cred_expire: how long a requeued job waits before it starts again (default 120 s).
+        "AuthType=auth/none", "CredType=cred/none", "AuthInfo=cred_expire=10",
         "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "JobAcctGatherType=jobacct_gather/none",
         "AccountingStorageType=accounting_storage/none", "SelectType=select/cons_tres",
         "SelectTypeParameters=CR_Core", "MpiDefault=none", "MailProg=/bin/true", "ReturnToService=2",
@@ -88,3 +89,50 @@ def test_sbatch_trains_on_local_slurm(slurm_cluster, tmp_path):
     assert "1 node(s) x 2 proc" in out and "world 2 = dp 1 x sp 2" in out, out[-4000:]
     assert [m["step"] for m in metrics(run)] == [1, 2, 3]
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+
+
+def _job_field(e, job, key):
+    """A field of `scontrol show job` (e.g. JobState, Restarts), "" once the job is forgotten."""
+    out = subprocess.run(["scontrol", "show", "job", "-o", job], env=e, capture_output=True, text=True).stdout
+    for item in out.split():
+        if item.startswith(key + "="):
+            return item.split("=", 1)[1]
+    return ""
+
+
+@pytest.mark.slow
+def test_usr1_saves_requeues_and_finishes(slurm_cluster, tmp_path):
+    """`scancel --signal=USR1` (what --signal=USR1@120 sends before the time limit): the job saves at
+    its current step, requeues itself, resumes and finishes with the uninterrupted run's losses."""
+    e, d = slurm_cluster
+    run = tmp_path / "run"
+    log = tmp_path / "job.out"
+    args = [*TINY_OVERRIDES, f"out_dir={run}", "train.max_steps=12", "deepspeed.zero_stage=1"]
+    job = subprocess.run(["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=1", f"--chdir={REPO}",
+                          f"--output={log}", "--export=ALL,NPROC_PER_NODE=2",
+                          str(REPO / "launch" / "slurm.sbatch"), str(REPO / "configs" / "tiny.yaml"), *args],
+                         env=e, capture_output=True, text=True, timeout=60)
+    assert job.returncode == 0, job.stderr
+    job_id = job.stdout.strip().split(";")[0]
+    deadline = time.time() + 600
+    while not metrics(run) and time.time() < deadline:
+        assert _job_field(e, job_id, "JobState") in ("PENDING", "RUNNING"), log.read_text()[-4000:]
+        time.sleep(0.1)
+    subprocess.run(["scancel", "--signal=USR1", job_id], env=e, check=True, timeout=60)
+    state = ""
+    while time.time() < deadline:
+        state = _job_field(e, job_id, "JobState")
+        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            break
+        time.sleep(0.5)
+    out = log.read_text() if log.exists() else ""
+    assert state == "COMPLETED" and _job_field(e, job_id, "Restarts") == "1", (state, out[-4000:])
+    assert "run status: preempted" in out and "requeueing job" in out, out[-4000:]
+    saved = int(out.split("llm-lru train: preempted at step ")[1].split(";")[0])
+    assert 1 <= saved < 12 and f"at step {saved}" in out.split("attempt 2")[1], out[-4000:]  # resumed there
+    assert read_status(run) == {"status": "finished", "step": 12}
+    got = metrics(run)
+    assert [m["step"] for m in got] == list(range(1, 13))
+    ref = reference_metrics(2, [*TINY_OVERRIDES, f"out_dir={tmp_path / 'ref'}", "train.max_steps=12",
+                                "deepspeed.zero_stage=1"])
+    assert [m["loss"] for m in got] == [m["loss"] for m in ref]

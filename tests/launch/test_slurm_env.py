@@ -44,3 +44,14 @@ def test_rendezvous_from_env(monkeypatch):
         slurm.rendezvous({**env, "SLURM_JOB_NUM_NODES": "3"})
     with pytest.raises(ValueError, match="SLURM_JOB_NODELIST"):
         slurm.rendezvous({})
+
+
+def test_slurm_status_reads_the_runs_out_dir(tmp_path):
+    from llm_lru.train import checkpoint as ck
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data: {source: random}\nmodel: {vocab_size: 8}\n")
+    assert slurm.run_status([str(cfg), f"out_dir={tmp_path / 'r'}", "--resume", "auto"]) == "none"
+    (tmp_path / "r").mkdir()
+    ck.write_status(tmp_path / "r", "preempted", 5)
+    assert slurm.run_status([str(cfg), f"out_dir={tmp_path / 'r'}"]) == "preempted"

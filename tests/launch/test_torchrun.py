@@ -1,4 +1,5 @@
-"""launch/torchrun.sh for real: elastic restart after kill -9 of a rank; two agents as two nodes."""
+"""launch/torchrun.sh for real: elastic restart after kill -9 of a rank; SIGTERM to the agent;
+two agents as two nodes."""
 import json
 import re
 import signal
@@ -9,7 +10,7 @@ import psutil
 import pytest
 
 from tests.distributed import free_port
-from tests.launch.common import REPO, TINY_OVERRIDES, env, metrics
+from tests.launch.common import REPO, TINY_OVERRIDES, env, metrics, read_status, reference_metrics
 
 SCRIPT = str(REPO / "launch" / "torchrun.sh")
 TINY = str(REPO / "configs" / "tiny.yaml")
@@ -100,3 +101,38 @@ def test_two_agents_as_two_nodes(tmp_path):
     two, ref = metrics(tmp_path / "two"), metrics(tmp_path / "one")
     assert [m["step"] for m in two] == [1, 2, 3]
     assert [m["loss"] for m in two] == pytest.approx([m["loss"] for m in ref], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_agent_saves_the_current_step_and_resumes(tmp_path):
+    """torchrun forwards SIGTERM to its workers and (with the script's grace) lets them save."""
+    run = tmp_path / "run"
+    args = [*TINY_OVERRIDES, f"out_dir={run}", "train.max_steps=10", "deepspeed.zero_stage=1"]
+    agent = subprocess.Popen([SCRIPT, "--nproc-per-node", "2", TINY, *args], env=env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 300
+        while not _logged_steps(run) and time.time() < deadline:
+            assert agent.poll() is None, agent.stdout.read()
+            time.sleep(0.05)
+        agent.send_signal(signal.SIGTERM)
+        out, _ = agent.communicate(timeout=300)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+    status = read_status(run)
+    assert status["status"] == "preempted", out[-4000:]
+    saved = status["step"]
+    assert 1 <= saved < 10 and _logged_steps(run)[-1] == saved, out[-4000:]   # the step it was in
+    assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{saved:08d}"
+    assert out.count(f"llm-lru train: preempted at step {saved}") == 2, out[-4000:]   # both ranks, exit 75
+    again = subprocess.run([SCRIPT, "--nproc-per-node", "2", TINY, *args], env=env(), capture_output=True,
+                           text=True, timeout=400)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert f"resumed from {run / 'checkpoints' / f'step_{saved:08d}'} at step {saved}" in again.stdout
+    assert read_status(run) == {"status": "finished", "step": 10}
+    ref = reference_metrics(2, [*TINY_OVERRIDES, f"out_dir={tmp_path / 'ref'}", "train.max_steps=10",
+                                "deepspeed.zero_stage=1"])
+    got = metrics(run)
+    assert [m["step"] for m in got] == list(range(1, 11))
+    assert [m["loss"] for m in got] == [m["loss"] for m in ref]

@@ -58,3 +58,55 @@ def test_prune_keeps_last_k_and_newer_partials(tmp_path):
     _fake(tmp_path, 5, complete=False)  # possibly a save in progress: left alone
     ck.prune(tmp_path, keep=2)
     assert sorted(p.name for p in ck.list_checkpoints(tmp_path)) == ["step_00000003", "step_00000004", "step_00000005"]
+
+
+def _meta(root, **meta):
+    d = root / ck.checkpoint_name(4)
+    d.mkdir(parents=True)
+    (d / "meta.json").write_text(json.dumps({"sp": 1, "dp": 2, "global_batch_size": 8, **meta}))
+    return d
+
+
+def test_check_resume_allows_another_dp_and_names_what_it_refuses(tmp_path):
+    c = _meta(tmp_path)
+    assert ck.check_resume(c, sp=1, dp=2, global_batch=8) is False
+    assert ck.check_resume(c, sp=1, dp=1, global_batch=8) is True
+    with pytest.raises(ValueError, match="parallel.sp: .*sp=1, this run has sp=2"):
+        ck.check_resume(c, sp=2, dp=1, global_batch=8)
+    with pytest.raises(ValueError, match="train.global_batch_size: .*8, this run has 16"):
+        ck.check_resume(c, sp=1, dp=2, global_batch=16)
+
+
+def test_save_signals_record_the_first_and_restore(tmp_path):
+    import os
+    import signal
+
+    before = signal.getsignal(signal.SIGUSR1)
+    s = ck.SaveSignals(["SIGUSR1", "SIGTERM"]).install()
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGTERM)   # a second one (as during a save) is only noted
+        assert s.received == "SIGUSR1"
+    finally:
+        s.restore()
+    assert signal.getsignal(signal.SIGUSR1) is before
+
+
+def test_status_file_is_replaced_atomically(tmp_path):
+    assert ck.read_status(tmp_path)["status"] == "none"
+    ck.write_status(tmp_path, "running", 3)
+    ck.write_status(tmp_path, "preempted", 7)
+    assert ck.read_status(tmp_path) == {"status": "preempted", "step": 7}
+    assert [p.name for p in tmp_path.iterdir()] == [ck.STATUS]
+
+
+def test_checkpoint_config_keys_are_validated():
+    from llm_lru.config import ConfigError, from_dict
+
+    base = {"data": {"source": "random"}, "model": {"vocab_size": 8}}
+    with pytest.raises(ConfigError, match="checkpoint.save_signals"):
+        from_dict({**base, "checkpoint": {"save_signals": ["SIGKILL"]}})
+    with pytest.raises(ConfigError, match="checkpoint.every_minutes"):
+        from_dict({**base, "checkpoint": {"every_minutes": -1}})
+    assert from_dict(base).checkpoint.save_signals == ["SIGTERM", "SIGUSR1"]
+
