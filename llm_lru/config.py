@@ -25,7 +25,7 @@ DEFAULT_KINDS: Dict[str, str] = {
 }
 MIXER_KINDS = ("attn", "swa", "lru", "glru", "bdlru", "hlru", "blur")
 RECURRENT_KINDS = ("lru", "glru", "bdlru", "hlru", "blur")
-GATE_NORMS = ("softmax", "sigmoid", "relu", "tanh")
+GATE_NORMS = ("softmax", "sigmoid", "relu", "tanh", "lin_l1")
 MAX_BLOCK_SIZE = 16
 
 
@@ -38,7 +38,10 @@ class ModelConfig:
     kinds: Dict[str, str] = field(default_factory=dict)  # extra/overriding letter -> kind
     d_state: int = 0                    # recurrent state width N*m; 0: d_model
     block_size: int = 4                 # m for bdlru (block) and hlru (order)
-    gate_norm: str = "softmax"          # bdlru/hlru row normalisation: softmax|sigmoid|relu|tanh
+    gate_norm: str = "softmax"          # bdlru/hlru row normalisation: softmax|sigmoid|relu|tanh|lin_l1 (g/sum|g|)
+    gate_init: str = "long_memory"      # bdlru/hlru gates start: long_memory (bias to own past) | uniform (paper)
+    selective: bool = True              # bdlru/hlru: false = a learned logit table, no input dependence
+    hlru_readout: str = "state"         # hlru: state (Linear(N*m, d) over the last m values, paper) | last (y_t)
     lru_r_min: float = 0.9
     lru_r_max: float = 0.999
     lru_max_phase: float = 6.283
@@ -94,6 +97,7 @@ class TrainConfig:
     val_every: int = 0                  # 0: no periodic validation
     val_batches: int = 4
     threads: int = 0                    # torch threads per process; 0: leave as is
+    loss_chunk_tokens: int = 4096       # tokens per chunk of fp32 logits in the loss (chunk x vocab x 4 bytes)
 
 
 @dataclass
@@ -113,8 +117,11 @@ class LoggingConfig:
 @dataclass
 class CheckpointConfig:
     every: int = 0                      # 0: only at the end
+    every_minutes: float = 0.0          # also save when this much wall time passed since the last save; 0: off
     keep: int = 2
     resume: str = "auto"                # auto | none | a checkpoint path
+    # Signals that make every rank finish its step, save and exit (code 75); [] leaves them alone.
+    save_signals: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
 
 
 @dataclass
@@ -242,6 +249,9 @@ def validate_model(m: ModelConfig, key: str = "model") -> None:
         _need(d_state % 2 == 0, f"{key}.d_state", f"lru/blur need an even state width (complex pairs), got {d_state}")
         _need(0 < m.lru_r_min < m.lru_r_max < 1, f"{key}.lru_r_min", f"need 0 < lru_r_min < lru_r_max < 1, got {m.lru_r_min}, {m.lru_r_max}")
     _need(m.gate_norm in GATE_NORMS, f"{key}.gate_norm", f"unknown '{m.gate_norm}' (one of {', '.join(GATE_NORMS)})")
+    # Choices spelled out here: the export vendors validate_model with a fixed list of names.
+    _need(m.gate_init in ("long_memory", "uniform"), f"{key}.gate_init", f"unknown '{m.gate_init}' (long_memory or uniform)")
+    _need(m.hlru_readout in ("state", "last"), f"{key}.hlru_readout", f"unknown '{m.hlru_readout}' (state or last)")
     if used & {"attn", "swa"}:
         _need(m.n_heads > 0 and m.d_model % m.n_heads == 0, f"{key}.n_heads", f"must divide d_model={m.d_model}, got {m.n_heads}")
         n_kv = m.n_kv_heads or m.n_heads
@@ -269,6 +279,7 @@ def validate(run: RunConfig) -> None:
     _need(t.lr > 0 and 0 <= t.min_lr <= t.lr, "train.min_lr", f"need 0 <= min_lr <= lr and lr > 0, got lr={t.lr} min_lr={t.min_lr}")
     _need(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
     _need(t.max_bad_steps >= 1, "train.max_bad_steps", f"must be >= 1, got {t.max_bad_steps}")
+    _need(t.loss_chunk_tokens >= 1, "train.loss_chunk_tokens", f"must be >= 1, got {t.loss_chunk_tokens}")
     _need(run.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", f"must be 0, 1, 2 or 3, got {run.deepspeed.zero_stage}")
     _need(d.source in ("shards", "random", "synthetic"), "data.source", f"must be shards, random or synthetic, got '{d.source}'")
     if d.source == "shards":
@@ -278,6 +289,10 @@ def validate(run: RunConfig) -> None:
     _need(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
     _need(run.checkpoint.every >= 0, "checkpoint.every", f"must be >= 0, got {run.checkpoint.every}")
     _need(run.checkpoint.keep >= 1, "checkpoint.keep", f"must be >= 1, got {run.checkpoint.keep}")
+    _need(run.checkpoint.every_minutes >= 0, "checkpoint.every_minutes", f"must be >= 0, got {run.checkpoint.every_minutes}")
+    for name in run.checkpoint.save_signals:
+        _need(name in ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP"), "checkpoint.save_signals",
+              f"'{name}' is not one of SIGTERM, SIGUSR1, SIGUSR2, SIGINT, SIGHUP")
     _need(run.logging.progress in ("auto", "bar", "lines"), "logging.progress", f"must be auto, bar or lines, got '{run.logging.progress}'")
     _need(bool(run.out_dir), "out_dir", "must not be empty")
 

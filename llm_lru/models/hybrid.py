@@ -1,7 +1,8 @@
 """The hybrid language model: embedding, a stack of pre-norm residual blocks whose mixers follow
 a pattern of recurrent and attention kinds, a final norm and a (tied) head.
 
-    logits = model(input_ids, doc_start)                      # training, packed sequences
+    logits = model(input_ids, doc_start)                      # packed sequences
+    loss = model.loss(input_ids, labels, doc_start)            # training: no (B, T, V) logits
     logits, state = model(ids, state=state, return_state=True) # chunked prefill
     logits, state = model.step(tokens, state)                  # one token at a time
 """
@@ -13,12 +14,12 @@ from typing import Any, List, Optional
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 
 from llm_lru.config import ModelConfig, layer_kinds, validate_model
 
 from .attention import Attention
 from .layers import SwiGLU, ffn_width
+from .loss import DEFAULT_CHUNK_TOKENS, LMHead
 from .recurrent import BDLRU, BLUR, GLRU, HLRU, LRU
 
 
@@ -40,9 +41,9 @@ def make_mixer(cfg: ModelConfig, kind: str) -> nn.Module:
     if kind == "glru":
         return GLRU(d, d_state)
     if kind == "bdlru":
-        return BDLRU(d, d_state, cfg.block_size, cfg.gate_norm)
+        return BDLRU(d, d_state, cfg.block_size, cfg.gate_norm, cfg.gate_init, cfg.selective)
     if kind == "hlru":
-        return HLRU(d, d_state, cfg.block_size, cfg.gate_norm)
+        return HLRU(d, d_state, cfg.block_size, cfg.gate_norm, cfg.gate_init, cfg.selective, cfg.hlru_readout)
     if kind == "blur":
         return BLUR(d, d_state, cfg.lru_r_min, cfg.lru_r_max, cfg.lru_max_phase)
     raise ValueError(f"model.pattern: unknown mixer kind '{kind}'")
@@ -78,10 +79,9 @@ class HybridLM(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg, k) for k in self.kinds)
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.head = LMHead(cfg.d_model, cfg.vocab_size)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
-        self.checkpoint_blocks = False  # activation checkpointing, per block, while training
         self._init_weights()
 
     @torch.no_grad()
@@ -114,10 +114,21 @@ class HybridLM(nn.Module):
         return ModelState(states, 0)
 
     def forward(self, input_ids: torch.Tensor, doc_start: Optional[torch.Tensor] = None,
-                state: Optional[ModelState] = None, pos_offset: int = 0, return_state: bool = False):
+                state: Optional[ModelState] = None, pos_offset: int = 0, return_state: bool = False,
+                labels: Optional[torch.Tensor] = None, loss_reduction: str = "mean",
+                loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS):
         """input_ids: (B, T) int64; doc_start: (B, T) bool or None; returns logits (B, T, V) fp32
-        (and the state after the input when return_state)."""
+        (and the state after the input when return_state).
+
+        With labels (B, T) int64 (labels[:, t] the target of position t, -100 where nothing is
+        counted) it returns the cross-entropy instead of the logits: the mean over counted tokens,
+        or their sum with loss_reduction='sum'; computed loss_chunk_tokens tokens at a time, so no
+        (B, T, V) logits exist (models/loss.py). This is the training path: the head's weight is
+        used inside the head module's forward, where DeepSpeed ZeRO-3 has gathered it.
+        """
         B, T = input_ids.shape
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ValueError(f"labels: shape {tuple(labels.shape)} does not match input_ids {tuple(input_ids.shape)}")
         if return_state and state is None:
             state = self.init_state(B, input_ids.device)
         pos = pos_offset + (state.pos if state is not None else 0)
@@ -125,15 +136,26 @@ class HybridLM(nn.Module):
         new_states = []
         for i, block in enumerate(self.layers):
             layer_state = state.layers[i] if state is not None else None
-            if self.checkpoint_blocks and self.training and layer_state is None:
-                x, s = checkpoint(block, x, doc_start, None, pos, use_reentrant=False)
-            else:
-                x, s = block(x, doc_start, layer_state, pos)
+            x, s = block(x, doc_start, layer_state, pos)
             new_states.append(s)
-        logits = self.head(self.norm(x)).float()
+        if labels is None:
+            out = self.head(self.norm(x))
+        else:
+            out = self.head(self.norm(x), labels, loss_reduction, loss_chunk_tokens)
         if return_state:
-            return logits, ModelState(new_states, state.pos + T)
-        return logits
+            return out, ModelState(new_states, state.pos + T)
+        return out
+
+    def loss(self, input_ids: torch.Tensor, labels: torch.Tensor, doc_start: Optional[torch.Tensor] = None,
+             pos_offset: int = 0, reduction: str = "mean", chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
+        """Cross-entropy of the next-token predictions: input_ids, labels (B, T) int64 (labels[:, t]
+        is the target of position t, already shifted; -100 is not counted); doc_start (B, T) bool.
+
+        reduction 'mean' (over counted tokens; 0 when there are none) or 'sum'. Goes through
+        forward (see there), so a DeepSpeed engine's `engine(ids, labels=...)` computes the same.
+        """
+        return self(input_ids, doc_start, pos_offset=pos_offset, labels=labels, loss_reduction=reduction,
+                    loss_chunk_tokens=chunk_tokens)
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, state: ModelState):

@@ -2,15 +2,15 @@
 
 The config is loaded, validated and checked against the world size (WORLD_SIZE, set by
 torchrun; 1 when run alone) before any process group starts, so a bad key or a batch that does
-not split stops every rank at once with the key named. Under torchrun/srun+torchrun the process
-joins the job; alone it runs as a world of one on a free localhost port.
+not split stops every rank at once with the key named. Then llm_lru.parallel.init_mesh joins the
+job (torchrun / srun+torchrun, elastic restarts included) or starts a world of one on a free
+localhost port, and builds the mesh that the trainer uses.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from datetime import timedelta
 from typing import List, Optional
 
 from llm_lru.config import ConfigError, RunConfig, check_world, load_config
@@ -32,53 +32,11 @@ def resolve_vocab(cfg: RunConfig) -> None:
     cfg.model.vocab_size = int(manifest["tokenizer"]["vocab_size"])
 
 
-def _free_port() -> int:
-    import socket
+def init_world(cfg: RunConfig):
+    """The run's mesh, its process groups started or joined (llm_lru.parallel.init_mesh)."""
+    from llm_lru.parallel import init_mesh
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _init_elastic_attempt(backend: str) -> None:
-    """Start the process group on a store namespace of this restart attempt.
-
-    torchrun's agent keeps one rendezvous store across restarts; the keys a killed attempt
-    wrote (its ranks' gloo addresses) are still there, and a restarted rank could read them and
-    dial a dead peer ("connectFullMesh ... Connection refused"). A prefix per attempt avoids it.
-    """
-    import torch.distributed as dist
-
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                          is_master=(not agent_hosts_store and rank == 0), timeout=timedelta(minutes=30))
-    store = dist.PrefixStore(f"llm_lru/attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world)
-
-
-def init_world(cfg: RunConfig) -> None:
-    """Join the torchrun/SLURM job from its env vars, or start a world of one."""
-    import torch
-    import torch.distributed as dist
-
-    if "WORLD_SIZE" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    backend = cfg.parallel.backend
-    if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    from llm_lru.train.engine import disable_cpu_shm_comm
-
-    disable_cpu_shm_comm()
-    if "TORCHELASTIC_RESTART_COUNT" in os.environ:
-        _init_elastic_attempt(backend)
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend=backend)
-    assert dist.is_initialized()
+    return init_mesh(cfg.parallel)
 
 
 def parse(argv: List[str]) -> RunConfig:
@@ -104,19 +62,25 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    init_world(cfg)
+    mesh = init_world(cfg)
     import torch.distributed as dist
 
     from llm_lru.train.trainer import TooManyBadSteps, train
 
     try:
-        summary = train(cfg)
+        summary = train(cfg, mesh)
     except TooManyBadSteps as e:
         print(f"llm-lru train: stopped: {e}", file=sys.stderr)
         return 3
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    if summary["preempted"]:
+        from llm_lru.train.checkpoint import PREEMPTED_EXIT
+
+        print(f"llm-lru train: preempted at step {summary['step']}; checkpoint {summary['checkpoint']}; "
+              f"run again to continue (exit {PREEMPTED_EXIT})", file=sys.stderr)
+        return PREEMPTED_EXIT
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"llm-lru train: done at step {summary['step']}, {summary['tokens']} tokens, "
               f"{summary['bad_steps']} skipped steps; checkpoint {summary['checkpoint']}")

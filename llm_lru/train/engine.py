@@ -1,23 +1,23 @@
-"""DeepSpeed engine for a RunConfig: ZeRO stage, precision, AdamW, LR schedule, checkpointing.
+"""DeepSpeed engine for a RunConfig: ZeRO stage, precision, AdamW, LR schedule.
 
     engine, optimizer = build_engine(model, cfg, world_size)
 
 The optimizer is a torch AdamW passed in as a client optimizer (fused on CUDA). DeepSpeed's
 own Adam ops JIT-compile for ~80 s on CPU, so they are never asked for here. The learning rate
 is set by `set_lr(optimizer, lr_at(cfg.train, step))` before each optimizer step rather than by
-a DeepSpeed scheduler: a skipped (NaN) step must not advance the schedule, and a resumed run gets
-its LR from the step counter alone.
+a DeepSpeed scheduler, with step = the number of applied (not skipped) steps so far: a skipped
+(NaN) step applied no update, so it must not eat into warmup or decay (the convention of
+DeepSpeed's and Megatron's schedulers on overflow); and a resumed run, at any world size, gets
+its LR from the trainer's step counters alone.
 """
 from __future__ import annotations
 
 import copy
-import functools
 import math
 from typing import Any, Dict, List, Tuple
 
 import torch
 import torch.nn as nn
-import torch.utils.checkpoint
 
 from llm_lru.config import RunConfig, TrainConfig
 
@@ -79,7 +79,7 @@ def ds_config(cfg: RunConfig, world_size: int) -> Dict[str, Any]:
         "gradient_clipping": cfg.train.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": resolve_precision(cfg.train) == "bf16"},
-        # A client torch optimizer, also under ZeRO and offload (FACTS.md).
+        # A client torch optimizer, also under ZeRO and offload: DeepSpeed must not insist on its own.
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 10**9,
@@ -135,21 +135,6 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         g["lr"] = lr
 
 
-def checkpoint_blocks(model: nn.Module) -> int:
-    """Recompute each block of `model.layers` in the backward pass (activation checkpointing).
-
-    The block's forward is wrapped in place so parameter names stay unchanged (checkpoints and
-    exports see the same state dict). Returns the number of blocks wrapped.
-    """
-    layers = getattr(model, "layers", None)
-    if layers is None:
-        raise TypeError("train.activation_checkpointing: the model has no `layers` to checkpoint")
-    for block in layers:
-        inner = block.forward
-        block.forward = functools.partial(torch.utils.checkpoint.checkpoint, inner, use_reentrant=False)
-    return len(layers)
-
-
 def build_engine(model: nn.Module, cfg: RunConfig, world_size: int):
     """deepspeed.initialize on `model` with the run's ZeRO stage and precision.
 
@@ -159,8 +144,6 @@ def build_engine(model: nn.Module, cfg: RunConfig, world_size: int):
     import deepspeed
 
     disable_cpu_shm_comm()
-    if cfg.train.activation_checkpointing:
-        checkpoint_blocks(model)
     optimizer = make_optimizer(model, cfg.train)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(cfg, world_size))
     return engine, optimizer

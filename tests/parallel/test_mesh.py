@@ -1,16 +1,33 @@
 """The mesh and the loss in a single process: world of one, slicing, refusals, the loss's scale."""
+import os
+
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from llm_lru.parallel import Mesh, build_mesh, init_mesh, parallelize, resolve_backend, single_mesh, sp_dp_loss
+from llm_lru.parallel.loss import sp_dp_scale
+
+ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+       "TORCHELASTIC_RESTART_COUNT")
 
 
-def test_world_of_one():
+def test_world_of_one(monkeypatch):
+    """Alone, init_mesh starts a process group of one (DeepSpeed needs one) and builds its mesh."""
+    for key in ENV:
+        monkeypatch.delenv(key, raising=False)
+    assert not dist.is_initialized()
     mesh = init_mesh(sp=1, backend="gloo")
-    assert (mesh.world_size, mesh.dp, mesh.sp, mesh.sp_group) == (1, 1, 1, None)
-    model = torch.nn.Linear(2, 2)
-    assert parallelize(model, mesh) is model  # nothing to wrap at sp = 1
+    try:
+        assert dist.is_initialized() and dist.get_world_size() == 1 and dist.get_backend() == "gloo"
+        assert os.environ["WORLD_SIZE"] == "1"
+        assert (mesh.world_size, mesh.dp, mesh.sp, mesh.sp_group, mesh.backend) == (1, 1, 1, None, "gloo")
+        assert init_mesh(sp=1).world_size == 1  # a running world is joined, not started again
+        model = torch.nn.Linear(2, 2)
+        assert parallelize(model, mesh) is model  # nothing to wrap at sp = 1
+    finally:
+        dist.destroy_process_group()
 
 
 def test_sp_without_a_world_is_refused():
@@ -44,3 +61,24 @@ def test_loss_is_the_token_mean_in_a_world_of_one():
     assert loss.item() == 0.0 and value.item() == 0.0
     with pytest.raises(ValueError, match="labels"):
         sp_dp_loss(logits, labels[:, :4])
+
+
+@pytest.mark.parametrize("num_tokens,average", [(None, None), (23, 4)])
+def test_scale_of_a_summed_loss_equals_the_loss_of_its_logits(num_tokens, average):
+    """sp_dp_scale(sum of token losses, count) is sp_dp_loss without the logits (the training path)."""
+    from llm_lru.models.loss import linear_cross_entropy
+
+    h = torch.randn(2, 5, 3, requires_grad=True)
+    w = torch.randn(7, 3, requires_grad=True)
+    labels = torch.randint(0, 7, (2, 5))
+    labels[1, 1:] = -100
+    ref, ref_value = sp_dp_loss(F.linear(h, w), labels, single_mesh(), num_tokens=num_tokens,
+                                grad_average_size=average)
+    ref_grads = torch.autograd.grad(ref, (h, w))
+    total = linear_cross_entropy(h, w, labels, reduction="sum", chunk_tokens=3)
+    loss, value = sp_dp_scale(total, (labels != -100).sum(), single_mesh(), num_tokens=num_tokens,
+                              grad_average_size=average)
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(value, ref_value)
+    for a, b in zip(torch.autograd.grad(loss, (h, w)), ref_grads):
+        torch.testing.assert_close(a, b)

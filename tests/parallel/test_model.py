@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from llm_lru.config import ModelConfig
+from llm_lru.config import ModelConfig, ParallelConfig
 from llm_lru.models import HybridLM, make_mixer
 from llm_lru.parallel import Mesh, build_mesh, parallelize, sp_dp_loss, sp_seams
 from tests.distributed import run_world
@@ -32,6 +32,9 @@ def _mixer_cases():
     cases = [(k, ModelConfig(**base)) for k in ("attn", "swa", "lru", "glru")]
     for m in (1, 2, 4):
         cases += [(k, ModelConfig(**base, block_size=m)) for k in ("bdlru", "hlru")]
+        # H-LRU's readouts: 'state' (default; its lags at a slice's start come from the carry) and 'last'
+        cases.append(("hlru", ModelConfig(**base, block_size=m, hlru_readout="last")))
+    cases += [(k, ModelConfig(**base, block_size=2, selective=False)) for k in ("bdlru", "hlru")]
     cases += [(k, ModelConfig(**base, causal=False)) for k in ("blur", "attn")]
     return cases
 
@@ -51,7 +54,8 @@ def _mixers_world(rank, world, full):
         B, T = 2, k * t_local
         sl = slice(r * t_local, (r + 1) * t_local)
         for ci, (kind, cfg) in enumerate(_mixer_cases()):
-            if not full and k != 2 and (kind, cfg.block_size) not in (("bdlru", 2), ("hlru", 4), ("swa", 4)):
+            if not full and k != 2 and (kind, cfg.block_size, cfg.hlru_readout) not in (
+                    ("bdlru", 2, "state"), ("hlru", 4, "state"), ("swa", 4, "state")):
                 continue  # default: every kind at sp = 2, a few at sp = 3 and 4
             torch.manual_seed(ci)  # the same parameters and data on every rank
             ref = make_mixer(cfg, kind)
@@ -68,7 +72,8 @@ def _mixers_world(rank, world, full):
             xs = x[:, sl].clone().requires_grad_()
             y = sp(xs, docs[:, sl], None, mesh.pos_offset(t_local))[0]
             (y * w[:, sl]).sum().backward()
-            tag = f"sp={k} {kind} m={cfg.block_size} causal={cfg.causal}"
+            tag = (f"sp={k} {kind} m={cfg.block_size} causal={cfg.causal} readout={cfg.hlru_readout} "
+                   f"selective={cfg.selective}")
             close(y, ref(x, docs)[0][:, sl], f"{tag}: y", errors)
             close(xs.grad, xr.grad[:, sl], f"{tag}: dx", errors)
             for (name, p), q in zip(sp.named_parameters(), ref.parameters()):
@@ -120,8 +125,8 @@ def _lm_case(mesh, rows, t_local, B, carry, checkpoint, tag, errors, final_state
     ref, ref_loss, (ids, labels, docs) = _reference(B, T, t_local)
     model = copy.deepcopy(ref)
     model.zero_grad()
-    model = parallelize(model, mesh, carry, final_state=final_state)
-    model.checkpoint_blocks = checkpoint
+    model = parallelize(model, mesh, ParallelConfig(carry=carry), activation_checkpointing=checkpoint,
+                        final_state=final_state)
     cut = lambda x: mesh.local_slice(x[rows])  # noqa: E731  (this rank's rows, then its slice)
     logits = model(cut(ids), cut(docs), pos_offset=mesh.pos_offset(t_local))
     loss, value = sp_dp_loss(logits, cut(labels), mesh)
@@ -148,9 +153,9 @@ def _lm_world(rank, world, full):
         n += 1
     # dp = 2 x sp = 2 over the whole world: DP rank d holds rows [2d, 2d + 2)
     mesh = build_mesh(sp=2)
-    if (mesh.dp, mesh.sp, mesh.sp_ranks, mesh.dp_ranks) != (2, 2, [rank - rank % 2, rank - rank % 2 + 1],
-                                                           [rank % 2, rank % 2 + 2]):
-        errors.append(f"mesh layout: {mesh} sp_ranks={mesh.sp_ranks} dp_ranks={mesh.dp_ranks}")
+    if (mesh.dp, mesh.sp, mesh.sp_ranks, mesh.dp_rank, mesh.sp_rank) != (2, 2, [rank - rank % 2, rank - rank % 2 + 1],
+                                                                         rank // 2, rank % 2):
+        errors.append(f"mesh layout: {mesh} sp_ranks={mesh.sp_ranks}")
     rows = slice(2 * mesh.dp_rank, 2 * mesh.dp_rank + 2)
     for carry in ("allgather", "ring") if full else ("allgather",):
         _lm_case(mesh, rows, t_local, 4, carry, False, f"dp=2 x sp=2 carry={carry}", errors, final_state=False)
