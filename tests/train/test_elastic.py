@@ -13,7 +13,7 @@ import pytest
 
 from tests.distributed import run_world
 from tests.train.test_preempt import signal_at
-from tests.train.worlds import metrics, tiny_cfg
+from tests.train.worlds import metrics, on_train_batches, tiny_cfg
 
 STAGES = (0, 1, 2, 3)
 STEPS = 6
@@ -29,32 +29,8 @@ def _cfg(out, prep, stage):
 
 
 def _recording(rows):
-    """Wrap trainer.make_loader: every train batch's rows (as bytes) are appended to `rows`."""
-    from llm_lru.train import trainer
-
-    inner = trainer.make_loader
-
-    class Recording:
-        def __init__(self, loader):
-            self.loader = loader
-
-        def state_dict(self):
-            return self.loader.state_dict()
-
-        def load_state_dict(self, s):
-            self.loader.load_state_dict(s)
-
-        def __iter__(self):
-            for b in self.loader:
-                rows.extend(r.numpy().tobytes() for r in b["input_ids"])
-                yield b
-
-    def make(cfg, split, *a, **k):
-        loader = inner(cfg, split, *a, **k)
-        return Recording(loader) if split == "train" else loader
-
-    trainer.make_loader = make
-    return lambda: setattr(trainer, "make_loader", inner)
+    """Every train batch's rows (as bytes) are appended to `rows`."""
+    return on_train_batches(lambda i, b: rows.extend(r.numpy().tobytes() for r in b["input_ids"]))
 
 
 def leg(rank, world, root, prep, runs):

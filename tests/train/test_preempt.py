@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.distributed import run_world
-from tests.train.worlds import metrics, nan_at, tiny_cfg
+from tests.train.worlds import metrics, nan_at, on_train_batches, tiny_cfg
 
 GAS = 2          # tiny_cfg: global batch 4 / dp 2 / micro 1
 RUN = dict(train={"max_steps": 6}, deepspeed={"zero_stage": 2})
@@ -24,32 +24,10 @@ def signal_at(batch: int, sig=signal.SIGUSR1, only_rank=None):
     """Send `sig` to this process when the train loader yields its `batch`-th batch (1-based)."""
     from torch import distributed as dist
 
-    from llm_lru.train import trainer
-
-    inner = trainer.make_loader
-
-    class Signalling:
-        def __init__(self, loader):
-            self.loader = loader
-
-        def state_dict(self):
-            return self.loader.state_dict()
-
-        def load_state_dict(self, s):
-            self.loader.load_state_dict(s)
-
-        def __iter__(self):
-            for i, b in enumerate(self.loader, 1):
-                if i == batch and only_rank in (None, dist.get_rank()):
-                    os.kill(os.getpid(), sig)
-                yield b
-
-    def make(cfg, split, *a, **k):
-        loader = inner(cfg, split, *a, **k)
-        return Signalling(loader) if split == "train" else loader
-
-    trainer.make_loader = make
-    return lambda: setattr(trainer, "make_loader", inner)
+    def send(i, _):
+        if i == batch and only_rank in (None, dist.get_rank()):
+            os.kill(os.getpid(), sig)
+    return on_train_batches(send)
 
 
 def signal_during_save(sig):

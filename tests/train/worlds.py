@@ -46,8 +46,9 @@ class Crash(RuntimeError):
     """Raised by a loader wrapper to simulate a process dying mid-run."""
 
 
-def crashing_loader(after_batches):
-    """Wrap trainer.make_loader so that the train split raises Crash after `after_batches` batches."""
+def on_train_batches(hook):
+    """Wrap trainer.make_loader so that hook(i, batch) (i = 1, 2, ...) sees every batch of the
+    train split before the trainer does (to crash, signal or record); returns the undo."""
     from llm_lru.train import trainer
 
     inner = trainer.make_loader
@@ -63,9 +64,8 @@ def crashing_loader(after_batches):
             self.loader.load_state_dict(s)
 
         def __iter__(self):
-            for i, b in enumerate(self.loader):
-                if i >= after_batches:
-                    raise Crash(f"simulated crash after {after_batches} batches")
+            for i, b in enumerate(self.loader, 1):
+                hook(i, b)
                 yield b
 
     def make(cfg, split, *a, **k):
@@ -74,6 +74,14 @@ def crashing_loader(after_batches):
 
     trainer.make_loader = make
     return lambda: setattr(trainer, "make_loader", inner)
+
+
+def crashing_loader(after_batches):
+    """The train split raises Crash after `after_batches` batches."""
+    def crash(i, _):
+        if i > after_batches:
+            raise Crash(f"simulated crash after {after_batches} batches")
+    return on_train_batches(crash)
 
 
 def nan_at(steps, gas):
