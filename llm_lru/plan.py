@@ -14,8 +14,9 @@ What a rank holds during one training step, in four parts:
   checkpointing a block keeps only its input, and the block being recomputed is transient.
 - SP buffers: full-attention K/V gathered from the whole group (kept for backward), the
   sliding-window halo, the recurrent carries (all-gathered maps).
-- Transients: the backward of the largest layer (WORKSPACE x its activations) and the loss's
-  chunk of logits (chunk x V in fp32, and its gradient).
+- Transients: the backward of the largest layer (WORKSPACE x its activations); the loss's chunk
+  of logits (chunk x V in fp32, and its gradient), with the hidden-state and head gradients
+  that the chunked loss computes in forward and holds until backward.
 WORKSPACE and the CPU allocator's slack are the measured constants: bench/longctx.py measures
 peak memory of real steps, fits them, and writes the planner's error beside its measurements
 (bench/results/longctx.md). GPU numbers are predictions for the CUDA path from the CPU path's
@@ -177,7 +178,7 @@ def plan(cfg: RunConfig, gpus: int, gpu_mem: float, precision: Optional[str] = N
     rows = model_state_bytes(n, largest, cfg.deepspeed.zero_stage, gpus, bf16)
     d, hd = m.d_model, m.d_model // m.n_heads
     kv = (m.n_kv_heads or m.n_heads) * hd
-    chunk = getattr(t, "loss_chunk_tokens", 0) or 4096
+    chunk = t.loss_chunk_tokens
 
     def token_linear(seq_len: int) -> List[Tuple[str, float]]:
         n_tok = micro * seq_len // p.sp                     # tokens this rank holds
@@ -198,9 +199,13 @@ def plan(cfg: RunConfig, gpus: int, gpu_mem: float, precision: Optional[str] = N
         state = (m.d_state or d) * (m.block_size + 1) * 4                     # (P, s) per row, fp32
         sp_buf += n_rec * micro * p.sp * state if p.sp > 1 else 0.0
         work = WORKSPACE * max(per_layer)
-        loss = min(chunk, n_tok) * m.vocab_size * 4 * 2                       # logits + their grad
+        # models/loss.py: one chunk of fp32 logits, turned into their gradient in place (and cast
+        # to bf16 for the matmuls); the gradients of the hidden states (their dtype) and of the
+        # head (fp32) are made in forward and held until backward.
+        logit_bytes = 4 + (2 if bf16 else 0)
+        loss = min(chunk, n_tok) * m.vocab_size * logit_bytes + n_tok * d * w + m.vocab_size * d * 4
         return [("activations", act), ("sp buffers", sp_buf), ("backward workspace", work),
-                ("loss chunk", loss)]
+                ("loss", loss)]
 
     rows = rows + token_linear(t.seq_len)
     fixed = sum(b for name, b in rows if name in ("parameters", "gradients", "optimizer states"))
@@ -238,7 +243,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--gpus", type=int, default=0, help="GPUs in the run (default: parallel.sp, one SP group)")
     ap.add_argument("--gpu-mem", default="80GiB", help="memory per GPU (default 80GiB)")
     ap.add_argument("--precision", choices=["bf16", "fp32"], help="default: the config's (auto = bf16)")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)   # overrides and options in any order
     cfg = load_config(args.config, args.overrides)
     if cfg.model.vocab_size <= 0:
         from llm_lru.train.cli import resolve_vocab
