@@ -61,7 +61,7 @@ test-latest:
 	rm -rf $(LATEST)
 	$(PY) -m venv $(LATEST)
 	$(LATEST)/bin/pip install -q torch==2.13.0
-	$(LATEST)/bin/pip install -q --upgrade --upgrade-strategy eager -e '.[dev]'
+	$(LATEST)/bin/pip install -q --upgrade --upgrade-strategy eager -e '.[dev]' --config-settings editable_mode=strict
 	$(LATEST)/bin/pip check
 	$(LATEST)/bin/pip freeze --exclude-editable > $(LATEST)/versions.txt
 	grep -iE '^(torch|transformers|deepspeed|triton|tokenizers|safetensors|webdataset|omegaconf|lm.eval|numpy)==' $(LATEST)/versions.txt
