@@ -39,9 +39,10 @@ from llm_lru.config import ConfigError, ModelConfig, RunConfig, layer_kinds, loa
 
 GiB = 1 << 30
 MiB = 1 << 20
-# The backward of one layer holds gradients of its saved tensors and the recomputed tiles:
-# about this many times that layer's activations (bench/longctx.py fits it on CPU).
-WORKSPACE = 1.0
+# The backward's transient beyond the saved activations, in units of the largest layer's:
+# fitted by bench/longctx.py on CPU (bench/results/longctx.md: 0.16; the rest of a layer's
+# backward fits in the memory its own freed activations leave).
+WORKSPACE = 0.16
 # Per GPU, never available to tensors: CUDA context, NCCL buffers, the allocator's blocks.
 GPU_RESERVE = 3 * GiB
 # DeepSpeed's default bucket sizes (elements), used for ZeRO-1/2 gradient reduction and
