@@ -54,9 +54,10 @@ test-slow: setup
 test-aot: setup
 	$(PYTHON) -m pytest -q -m aot_full
 
-# The newest releases that pyproject.toml allows (CPU torch 2.13.0 kept, for the same reason as
-# requirements.in), in a separate venv, through make test's suite: finds a break before a user
-# does. Not part of CI, which installs from the lock.
+# The newest releases that pyproject.toml allows, in a separate venv, through make test's suite:
+# finds a break before a user does. Not part of CI, which installs from the lock. torch starts
+# from the CPU 2.13.0 and is upgraded like the rest, as far as pip may go here (on these
+# machines /etc/xdg/pip caps it at the 2.14.1 on disk; elsewhere that can be a CUDA download).
 test-latest:
 	rm -rf $(LATEST)
 	$(PY) -m venv $(LATEST)
