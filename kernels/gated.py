@@ -64,8 +64,9 @@ class _GatedScan(ScanOp):
     def carry(self, logits, v, reverse=False, reset=None):
         """(P, s) of the slice in one pass, the gates normalised once. Values only (no autograd)."""
         with torch.no_grad():
-            if _use_triton(logits):
-                return self.fused_carry(logits, v, reverse, transition_mask(reset, reverse), norm=self.norm)
+            if _use_triton(logits):  # the fused split's carry-free pass: gates normalised in registers
+                part = self.local(logits, v, reverse, reset)
+                return part.P, part.s
             trans, a0 = self.split(logits)
             return self.inner.carry(trans, a0 * v.to(a0.dtype), reverse, reset)
 
@@ -88,11 +89,6 @@ class GatedBlockScan(_GatedScan):
         return bdlru_scan_triton(*args, **kw)
 
     @staticmethod
-    def fused_carry(*args, **kw):
-        from .triton import block_carry_triton
-        return block_carry_triton(*args, **kw)
-
-    @staticmethod
     def fused_local(*args, **kw):
         from .triton.local import block_local_triton
         return block_local_triton(*args, **kw)
@@ -112,11 +108,6 @@ class GatedCompanionScan(_GatedScan):
     def fused_scan(*args, **kw):
         from .triton import hlru_scan_triton
         return hlru_scan_triton(*args, **kw)
-
-    @staticmethod
-    def fused_carry(*args, **kw):
-        from .triton import companion_carry_triton
-        return companion_carry_triton(*args, **kw)
 
     @staticmethod
     def fused_local(*args, **kw):

@@ -186,9 +186,16 @@ def _chunked_path(*tensors: Tensor) -> bool:
     return backend_for(*tensors) == "torch"
 
 
+def _native_split(*tensors: Tensor) -> bool:
+    """The chunked PyTorch scans and the Triton kernels split natively; the reference does not."""
+    from . import backend_for
+    return backend_for(*tensors) in ("torch", "triton")
+
+
 def _local_map(op: "ScanOp", trans: Tensor, u: Tensor, reverse: bool, reset: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     """(P, s) from the native split's carry-free pass alone (one pass instead of two)."""
-    part = op.local(trans, u, reverse, reset)
+    with torch.no_grad():
+        part = op.local(trans, u, reverse, reset)
     return part.P, part.s
 
 
@@ -259,11 +266,7 @@ class BlockScan(ScanOp):
         return TwoPassScan(self, A, u, reverse, reset)
 
     def carry(self, A, u, reverse=False, reset=None):
-        from . import backend_for
-        if backend_for(A, u) == "triton":
-            from .triton import block_carry_triton
-            return block_carry_triton(A, u, reverse, transition_mask(reset, reverse))
-        return _local_map(self, A, u, reverse, reset) if _chunked_path(A, u) else super().carry(A, u, reverse, reset)
+        return _local_map(self, A, u, reverse, reset) if _native_split(A, u) else super().carry(A, u, reverse, reset)
 
 
 class DiagScan(ScanOp):
@@ -296,12 +299,7 @@ class DiagScan(ScanOp):
         return P * g
 
     def carry(self, a, u, reverse=False, reset=None):
-        from . import backend_for
-        if backend_for(a, u) == "triton":  # the block kernel with m = 1
-            from .triton import block_carry_triton
-            P, s = block_carry_triton(a[..., None, None], u[..., None], reverse, transition_mask(reset, reverse))
-            return P[..., 0, 0], s[..., 0]
-        return _local_map(self, a, u, reverse, reset) if _chunked_path(a, u) else super().carry(a, u, reverse, reset)
+        return _local_map(self, a, u, reverse, reset) if _native_split(a, u) else super().carry(a, u, reverse, reset)
 
 
 class CompanionScan(ScanOp):
@@ -331,11 +329,7 @@ class CompanionScan(ScanOp):
         return TwoPassScan(self, a, x, reverse, reset)
 
     def carry(self, a, x, reverse=False, reset=None):
-        from . import backend_for
-        if backend_for(a, x) == "triton":
-            from .triton import companion_carry_triton
-            return companion_carry_triton(a, x, reverse, transition_mask(reset, reverse))
-        return _local_map(self, a, x, reverse, reset) if _chunked_path(a, x) else super().carry(a, x, reverse, reset)
+        return _local_map(self, a, x, reverse, reset) if _native_split(a, x) else super().carry(a, x, reverse, reset)
 
 
 BLOCK = BlockScan()

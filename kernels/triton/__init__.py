@@ -6,10 +6,9 @@
     bdlru_scan_triton(logits, v, h0=None, reverse=False, reset=None, norm="softmax") -> (h, h_last)
     hlru_scan_triton(logits, v, h0=None, reverse=False, reset=None, norm="softmax") -> (y, s_last)
 
-    block_carry_triton(G, U, reverse, reset, norm) / companion_carry_triton(...) -> (P, s)
-      the carry of a whole slice, h_last(h0) = P h0 + s: what sequence parallelism exchanges.
     block_local_triton / diag_local_triton / companion_local_triton(...) -> ops.LocalScan
-      the split-phase scan (local.py): the kernels' pass 1 before the carry, fold + pass 2 after.
+      the split-phase scan (local.py): the kernels' pass 1 before the carry, fold + pass 2 after;
+      its P, s (h_last(h0) = P h0 + s) are the slice's carry, what sequence parallelism exchanges.
 
 reset (B, T) bool is a per-step cut: reset[b, t] zeroes A_t, as in companion_scan_ref (block_scan
 has no reset: pass A_t = 0). Document starts become cuts through ops.transition_mask (in reverse
@@ -23,10 +22,10 @@ sm_80 / sm_90 on any machine and reports registers, spills, occupancy and the ti
 shuffles, barriers and loads (bench/results/triton_resources.md).
 The PyTorch reference of the fused gates is llm_lru.kernels.gates (no triton import).
 """
-from .block import bdlru_scan_triton, block_carry_triton, block_scan_triton, diag_scan_triton
-from .companion import companion_carry_triton, companion_scan_triton, hlru_scan_triton
+from .block import bdlru_scan_triton, block_scan_triton, diag_scan_triton
+from .companion import companion_scan_triton, hlru_scan_triton
 from .local import block_local_triton, companion_local_triton, diag_local_triton
 
 __all__ = ["block_scan_triton", "diag_scan_triton", "companion_scan_triton", "bdlru_scan_triton",
-           "hlru_scan_triton", "block_carry_triton", "companion_carry_triton",
+           "hlru_scan_triton",
            "block_local_triton", "diag_local_triton", "companion_local_triton"]

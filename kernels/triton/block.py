@@ -384,36 +384,3 @@ def bdlru_scan_triton(logits: Tensor, v: Tensor, h0: Optional[Tensor] = None, re
     NORM = norm_code(norm)
     check_bdlru(logits, v, h0, reset)
     return _BlockScanFn.apply(logits, v, h0, bool(reverse), reset, NORM, chunk)
-
-
-def block_carry_triton(G: Tensor, U: Tensor, reverse: bool = False, reset: Optional[Tensor] = None,
-                       norm: Optional[str] = None) -> Tuple[Tensor, Tensor]:
-    """Carry of a whole slice, what sequence parallelism exchanges: (P, s) with
-    h_last(h0) = P h0 + s. Pass 1 of the two-level form with one chunk. Forward only.
-
-    norm=None: G = A (B, T, N, m, m), U = u (B, T, N, m); else G = gate logits (B, T, N, m, m + 1),
-    U = v, normalised with `norm`. reset (B, T) bool zeroes A_t.
-    -> P: (B, N, m, m) (A_T ... A_1; reverse A_1 ... A_T), s: (B, N, m).
-    """
-    NORM = norm_code(norm)
-    if NORM:
-        check_bdlru(G, U, None, reset)
-    else:
-        check_block(G, U, None)
-        check_reset(reset, U.shape[0], U.shape[1])
-    B, T, N, M = U.shape
-    W = M + 1 if NORM else M
-    R = B * N
-    dt = acc_dtype(G, U)
-    lc = Launch(M, R, T, G.device, T)
-    G, U = G.detach().contiguous(), U.detach().contiguous()
-    rst = reset.to(torch.int8).contiguous() if reset is not None else U
-    P = U.new_empty(B, 1, N, M, M, dtype=dt)
-    s = U.new_empty(B, 1, N, M, dtype=dt)
-    zero = U.new_zeros(B, 1, N, M, dtype=dt)
-    with _device(G):
-        _block_fwd_kernel[lc.grid(M, True)](G, U, zero, s, s, P, rst, T, N, R, lc.L, lc.C, STORE_H=False,
-                                            WANT_P=True, NCOL=lc.NCOL, **scan_meta(M, W, NORM, reverse,
-                                                                                 reset is not None, dt, lc),
-                                            **lc.opts)
-    return P[:, 0], s[:, 0]

@@ -290,34 +290,3 @@ def hlru_scan_triton(logits: Tensor, v: Tensor, h0: Optional[Tensor] = None, rev
     NORM = norm_code(norm)
     check_hlru(logits, v, h0, reset)
     return _CompanionFn.apply(logits, v, h0, bool(reverse), reset, NORM, chunk)
-
-
-def companion_carry_triton(G: Tensor, X: Tensor, reverse: bool = False, reset: Optional[Tensor] = None,
-                           norm: Optional[str] = None) -> Tuple[Tensor, Tensor]:
-    """Carry (P, s) of a whole companion / H-LRU slice: s_last(h0) = P h0 + s. Forward only.
-
-    norm=None: G = a (B, T, N, m), X = x (B, T, N); else G = logits (B, T, N, m + 1), X = v.
-    -> P: (B, N, m, m) (product of the companion matrices in scan order), s: (B, N, m).
-    """
-    NORM = norm_code(norm)
-    if NORM:
-        check_hlru(G, X, None, reset)
-    else:
-        check_companion(G, X, None, reset)
-    B, T, N = X.shape
-    W = G.shape[-1]
-    M = W - 1 if NORM else W
-    R = B * N
-    dt = acc_dtype(G, X)
-    lc = Launch(M, R, T, G.device, T, companion=True)
-    G, X = G.detach().contiguous(), X.detach().contiguous()
-    rst = reset.to(torch.int8).contiguous() if reset is not None else X
-    P = X.new_empty(B, 1, N, M, M, dtype=dt)
-    s = X.new_empty(B, 1, N, M, dtype=dt)
-    zero = X.new_zeros(B, 1, N, M, dtype=dt)
-    with _device(G):
-        _comp_fwd_kernel[lc.grid(M, True)](G, X, zero, s, s, P, rst, T, N, R, lc.L, lc.C, STORE_Y=False,
-                                           WANT_P=True, NCOL=lc.NCOL, **scan_meta(M, W, NORM, reverse,
-                                                                                reset is not None, dt, lc),
-                                           **lc.opts)
-    return P[:, 0], s[:, 0]

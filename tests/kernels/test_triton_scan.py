@@ -13,9 +13,20 @@ from llm_lru.kernels import (block_product_ref, block_scan_ref, companion_matrix
                              diag_scan_ref)
 from llm_lru.kernels.gates import (NORMS, bdlru_gates, bdlru_scan_reference, hlru_scan_reference,  # noqa: E402
                                    normalize_rows)
-from llm_lru.kernels.triton import (bdlru_scan_triton, block_carry_triton, block_scan_triton,  # noqa: E402
-                                    companion_carry_triton, companion_scan_triton, diag_scan_triton,
+from llm_lru.kernels.triton import (bdlru_scan_triton, block_local_triton, block_scan_triton,  # noqa: E402
+                                    companion_local_triton, companion_scan_triton, diag_scan_triton,
                                     hlru_scan_triton)
+
+
+def block_carry_triton(*args):
+    """(P, s) of a slice: the carry-free pass of the Triton split scan."""
+    part = block_local_triton(*args)
+    return part.P, part.s
+
+
+def companion_carry_triton(*args):
+    part = companion_local_triton(*args)
+    return part.P, part.s
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -139,7 +150,7 @@ def test_largest_blocks(reverse):
 @pytest.mark.parametrize("reverse", [False, True])
 def test_carry_pass_column_groups(reverse):
     """m = 8: the chunk product's columns are split over two programs (p_columns), for the
-    companion scan's two-level form and the block carry of a whole slice."""
+    companion scan's two-level form and the block carry of a whole slice (the split's pass 1)."""
     from llm_lru.kernels.triton._common import p_columns
     assert p_columns(8) < 8
     g = torch.Generator().manual_seed(6)
