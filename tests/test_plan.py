@@ -70,3 +70,21 @@ def test_command_line():
     assert bad.returncode == 2 and "model.no_such" in bad.stderr
     split = run_cli("configs/tiny.yaml", "model.vocab_size=2048", "--gpus", "3")
     assert split.returncode == 2 and "train.global_batch_size" in split.stderr
+
+
+def test_activation_rows_match_a_whole_model_step():
+    """Independent of the per-block probes' extrapolation: the bytes autograd saves for one whole
+    HybridLM.loss at 4096 tokens (every layer, the final norm, the chunked loss's held gradients)
+    equal the planner's activations plus the gradients its loss row says the loss holds."""
+    from llm_lru.models import HybridLM
+
+    c = cfg(train={"seq_len": 4096, "global_batch_size": 1})
+    torch.manual_seed(0)
+    model = HybridLM(c.model)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    ids = torch.randint(0, MODEL["vocab_size"], (1, 4096))
+    saved, _ = P._saved_bytes(lambda: model.loss(ids, ids, P._doc_starts(4096)), params)
+    rows = dict(P.plan(c, gpus=1, gpu_mem=1e12, reserve=0).rows)
+    n, d, V = 4096, MODEL["d_model"], MODEL["vocab_size"]
+    held_by_loss = n * d * 4 + V * d * 4          # hidden-state and head gradients (fp32 run)
+    assert saved == pytest.approx(rows["activations"] + held_by_loss, rel=0.05)
