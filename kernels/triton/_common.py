@@ -133,6 +133,14 @@ def tile_rows(R, N, BLOCK_R: tl.constexpr, pid):
     return rows, rmask, (rows // N).to(tl.int64), (rows % N).to(tl.int64)
 
 
+@triton.jit
+def carry_index(b, c, n, C, N):
+    """Index of row (b, n)'s chunk c in the (B, C, N) carry tensors, as int32: a value the kernel
+    keeps across the time loop for the final store, and int64 made ptxas spill it (8 B of stack at
+    m = 8 with resets on sm_90). Launch checks that B * C * N * M * M fits int32."""
+    return ((b * C + c) * N + n).to(tl.int32)
+
+
 def acc_triton_dtype(dt: torch.dtype):
     """Triton dtype of the state: fp32, fp64 only when the inputs are fp64."""
     return tl.float64 if dt == torch.float64 else tl.float32

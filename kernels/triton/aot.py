@@ -75,9 +75,11 @@ class Variant:
         return self.m + 1 if self.norm else self.m
 
 
-def _subset_reset(kernel: str, norm: Optional[str]) -> bool:
-    """The subset's reset flag: block_scan / diag_scan pass no reset (A_t = 0 is their cut)."""
-    return not (kernel in ("block_fwd", "block_bwd", "block_bwd_carry") and norm is None)
+def _subset_resets(norm: Optional[str]) -> tuple:
+    """The subset's reset flags: the fused gates always run with their document cuts; the plain
+    scans both without (block_scan, diag_scan: A_t = 0 is their cut) and with (the native split's
+    cut variants, local.py, where 8 B of stack once hid)."""
+    return (False, True) if norm is None else (True,)
 
 
 def variants(full: bool) -> List[Variant]:
@@ -90,10 +92,8 @@ def variants(full: bool) -> List[Variant]:
         for m, norm, dtype, reverse, reset, h0 in itertools.product(
                 MS, NORMS, ("bf16", "fp32"), (False, True), (False, True), (False, True) if bwd else (False,)):
             if not full:
-                # one flag set per (m, norm): h0 in the backward, resets where the scans pass them
-                # (the plain block kernels keep block_scan's: the split scans' cut variants, see
-                # local.py, are in the full grid)
-                if reverse or h0 != bwd or reset != _subset_reset(kernel, norm):
+                # forward scan order, h0 in the backward, resets as _subset_resets
+                if reverse or h0 != bwd or reset not in _subset_resets(norm):
                     continue
                 if not ((dtype == "bf16" and (norm in (None, "softmax") or m == 4))
                         or (dtype == "fp32" and m == 4 and norm == "softmax")):

@@ -26,7 +26,7 @@ import triton.language as tl
 
 from ..checks import acc_dtype, check_block, check_diag, check_reset
 from ..gates import EPS, check_bdlru
-from ._common import (acc_triton_dtype, block_rows, launch_options, load_tuple, normalize, normalize_bwd,
+from ._common import (acc_triton_dtype, block_rows, carry_index, launch_options, load_tuple, normalize, normalize_bwd,
                       norm_code, p_columns, pick_chunk, store_tuple, tile_rows, zeros_tuple)
 
 Tensor = torch.Tensor
@@ -84,7 +84,7 @@ def _block_fwd_kernel(G, U, INIT, H, LAST, PROD, RST,
         grp = 0
         tile = tl.program_id(0)
     rows, rmask, b, n = tile_rows(R, N, BLOCK_R, tile)
-    cid = (b * C + c) * N + n  # (B, C, N) carry index
+    cid = carry_index(b, c, n, C, N)
     h = load_tuple(INIT, cid * M, rmask, M, ACC)
     if WANT_P:
         k0 = grp * NCOL
@@ -141,7 +141,7 @@ def _block_bwd_kernel(G, U, H, H0, DH, LAMIN, DG, DU, LAMOUT, RST,
     dA_t = lam_t h_{t-1}^T (or the logits' gradient) and du_t; CARRY_ONLY: only the adjoint."""
     c = tl.program_id(1)
     rows, rmask, b, n = tile_rows(R, N, BLOCK_R, tl.program_id(0))
-    cid = (b * C + c) * N + n
+    cid = carry_index(b, c, n, C, N)
     carry = load_tuple(LAMIN, cid * M, rmask, M, ACC)
     if HAS_H0:
         h0 = load_tuple(H0, (b * N + n) * M, rmask, M, ACC)
@@ -212,7 +212,7 @@ def _fold_kernel(P, S, X0, OUT, C, N, R, M: tl.constexpr, BACKWARD: tl.constexpr
             c = C - 1 - i
         else:
             c = i
-        cid = (b * C + c) * N + n
+        cid = carry_index(b, c, n, C, N)
         store_tuple(OUT, cid * M, x, rmask, M)
         xn = load_tuple(S, cid * M, rmask, M, ACC)
         for r in tl.static_range(M):
@@ -258,6 +258,9 @@ class Launch:
                  companion: bool = False):
         self.BLOCK_R = block_rows(R)
         self.L, self.C = pick_chunk(T, R, self.BLOCK_R, device, chunk)
+        if R * self.C * M * M >= 2 ** 31:  # the kernels index carries (B, C, N, M, M) in int32
+            raise ValueError(f"scan carries too large for int32 indexing: B * N = {R} rows x {self.C} chunks x "
+                             f"m^2 = {M * M}; use fewer chunks (chunk = {self.L}) or a smaller batch")
         self.tiles = triton.cdiv(R, self.BLOCK_R)
         self.NCOL = p_columns(M, companion)
         self.opts = launch_options(self.BLOCK_R)

@@ -16,7 +16,7 @@ import triton.language as tl
 
 from ..checks import acc_dtype, check_companion
 from ..gates import check_hlru
-from ._common import load_tuple, normalize, normalize_bwd, norm_code, scan_order_last_cut, store_tuple, tile_rows
+from ._common import carry_index, load_tuple, normalize, normalize_bwd, norm_code, scan_order_last_cut, store_tuple, tile_rows
 from .block import Launch, _device, _dot, _fold_backward, _fold_forward, scan_meta
 
 Tensor = torch.Tensor
@@ -64,7 +64,7 @@ def _comp_fwd_kernel(G, X, INIT, Y, LAST, PROD, RST,
         grp = 0
         tile = tl.program_id(0)
     rows, rmask, b, n = tile_rows(R, N, BLOCK_R, tile)
-    cid = (b * C + c) * N + n
+    cid = carry_index(b, c, n, C, N)
     st = load_tuple(INIT, cid * M, rmask, M, ACC)
     if WANT_P:
         k0 = grp * NCOL
@@ -148,7 +148,7 @@ def _comp_bwd_kernel(G, X, Y, H0, LR, DY, LAMIN, DG, DX, LAMOUT, RST,
     window over y slid one step per iteration: one load per step, not m."""
     c = tl.program_id(1)
     rows, rmask, b, n = tile_rows(R, N, BLOCK_R, tl.program_id(0))
-    cid = (b * C + c) * N + n
+    cid = carry_index(b, c, n, C, N)
     carry = load_tuple(LAMIN, cid * M, rmask, M, ACC)
     start = c * L
     end = tl.minimum(start + L, T)

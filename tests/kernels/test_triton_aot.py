@@ -87,6 +87,16 @@ def test_compile_subset_meets_targets(tmp_path):
         assert int(r["spill_bytes"]) == 0 and int(r["loop_shuffles"]) == 0 and int(r["loop_barriers"]) == 0, r
 
 
+def test_compile_plain_block_cuts_m8(tmp_path):
+    """The plain block forward at m = 8 with and without document cuts (the native split's
+    variant) on sm_90: an int64 carry index kept across the time loop once cost 8 B of stack."""
+    proc, rows = _run_aot(tmp_path, "--arch", "90", "--m", "8", "--norm", "none", "--dtype", "bf16",
+                          "--only", "block_fwd", "--strict")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(r["reset"] for r in rows) == ["0", "1"]
+    assert all(r["ok"] == "True" and int(r["spill_bytes"]) == 0 for r in rows), rows
+
+
 @pytest.mark.aot_full
 def test_full_grid_compiles(tmp_path):
     """Every launchable variant for sm_80 and sm_90 (thousands of compiles: hours on 2 cores, so

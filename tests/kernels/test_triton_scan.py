@@ -206,6 +206,16 @@ def test_errors_name_the_input():
         block_scan_triton(torch.randn(1, 4, 2, 2, 2), torch.randn(1, 4, 2, 2), chunk=0)
 
 
+def test_carry_index_bound():
+    """The kernels index the (B, C, N, m, m) chunk carries in int32: a launch past that bound is
+    refused before anything is allocated, with the sizes named; one just under it is accepted."""
+    from llm_lru.kernels.triton.block import Launch
+    cpu = torch.device("cpu")
+    assert Launch(16, 2 ** 16, 127, cpu, chunk=1).C == 127  # 2^16 x 127 x 256 < 2^31
+    with pytest.raises(ValueError, match=r"int32 indexing: B \* N = 65536 rows x 128 chunks"):
+        Launch(16, 2 ** 16, 128, cpu, chunk=1)
+
+
 @pytest.mark.parametrize("reverse", [False, True])
 def test_gated_ops_dispatch_to_triton(reverse):
     """The layers' gated ops with backend "triton" (document starts -> cuts, reverse) agree with
