@@ -136,16 +136,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         return evaluate(args.target, ecfg, overrides, None)
     import torch.distributed as dist
 
+    from llm_lru.parallel import init_mesh
+
     started = not dist.is_initialized()
-    if started:  # under torchrun: join the job the way the trainer does
-        from llm_lru.config import RunConfig
-        from llm_lru.train.cli import init_world
-
-        init_world(RunConfig())
+    mesh = init_mesh(sp=world)  # under torchrun: join the job the way the trainer does
     try:
-        from llm_lru.parallel.mesh import build_mesh
-
-        return evaluate(args.target, ecfg, overrides, build_mesh(sp=world))
+        return evaluate(args.target, ecfg, overrides, mesh)
     finally:
         if started and dist.is_initialized():
             dist.destroy_process_group()

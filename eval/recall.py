@@ -101,9 +101,9 @@ def ensure_world(cfg) -> None:
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        from llm_lru.train.cli import init_world
+        from llm_lru.parallel import init_mesh
 
-        init_world(cfg)
+        init_mesh(cfg.parallel)
 
 
 def train_and_score(cfg, eval_samples: int = 256, seed: int = 0) -> Dict[str, Any]:

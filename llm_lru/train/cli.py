@@ -32,13 +32,6 @@ def resolve_vocab(cfg: RunConfig) -> None:
     cfg.model.vocab_size = int(manifest["tokenizer"]["vocab_size"])
 
 
-def init_world(cfg: RunConfig):
-    """The run's mesh, its process groups started or joined (llm_lru.parallel.init_mesh)."""
-    from llm_lru.parallel import init_mesh
-
-    return init_mesh(cfg.parallel)
-
-
 def parse(argv: List[str]) -> RunConfig:
     """Parse argv into a validated RunConfig (raises ConfigError naming the key)."""
     ap = argparse.ArgumentParser(prog="llm-lru train", description=__doc__.split("\n\n")[0])
@@ -62,10 +55,12 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    mesh = init_world(cfg)
     import torch.distributed as dist
 
+    from llm_lru.parallel import init_mesh
     from llm_lru.train.trainer import TooManyBadSteps, train
+
+    mesh = init_mesh(cfg.parallel)  # starts or joins the process groups
 
     try:
         summary = train(cfg, mesh)

@@ -70,7 +70,7 @@ def test_suites_that_cannot_split_fail_clearly(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_real_torchrun_sp2_ppl_equals_one_process(tmp_path):
-    """The whole launch path: torchrun starts 2 processes that join through the trainer's init_world."""
+    """The whole launch path: torchrun starts 2 processes that join through init_mesh, as the trainer's do."""
     import os
     import subprocess
     import sys
