@@ -95,7 +95,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     max_bad_steps: int = 5              # consecutive NaN/inf steps before the run stops
     val_every: int = 0                  # 0: no periodic validation
-    val_batches: int = 4
+    val_batches: int = 4                # global batches per validation (the same sequences at any dp)
     threads: int = 0                    # torch threads per process; 0: leave as is
     loss_chunk_tokens: int = 4096       # tokens per chunk of fp32 logits in the loss (chunk x vocab x 4 bytes)
 
@@ -279,6 +279,9 @@ def validate(run: RunConfig) -> None:
     _need(t.lr > 0 and 0 <= t.min_lr <= t.lr, "train.min_lr", f"need 0 <= min_lr <= lr and lr > 0, got lr={t.lr} min_lr={t.min_lr}")
     _need(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
     _need(t.max_bad_steps >= 1, "train.max_bad_steps", f"must be >= 1, got {t.max_bad_steps}")
+    _need(t.val_every >= 0, "train.val_every", f"must be >= 0 (0: no validation), got {t.val_every}")
+    _need(t.val_batches >= 1 or not t.val_every, "train.val_batches",
+          f"must be >= 1 with train.val_every={t.val_every}, got {t.val_batches}")
     _need(t.loss_chunk_tokens >= 1, "train.loss_chunk_tokens", f"must be >= 1, got {t.loss_chunk_tokens}")
     _need(run.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", f"must be 0, 1, 2 or 3, got {run.deepspeed.zero_stage}")
     _need(d.source in ("shards", "random", "synthetic"), "data.source", f"must be shards, random or synthetic, got '{d.source}'")

@@ -46,6 +46,8 @@ def test_wrong_type_is_named(tmp_path):
     (["parallel.carry=tree"], "parallel.carry"),
     (["deepspeed.zero_stage=4"], "deepspeed.zero_stage"),
     (["train.min_lr=1.0"], "train.min_lr"),
+    (["train.val_every=10", "train.val_batches=0"], "train.val_batches"),
+    (["train.val_every=-1"], "train.val_every"),
     (["data.source=shards"], "data.path"),
     (["data.source=synthetic"], "data.task"),
     (["checkpoint.keep=0"], "checkpoint.keep"),

@@ -110,7 +110,7 @@ def _stage0_grad_norm(engine, cfg: RunConfig) -> Optional[float]:
 
 
 def evaluate(engine, val_loader, n_batches: int, mesh, device, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> float:
-    """Global token-mean loss over the first `n_batches` batches of the validation loader.
+    """Global token-mean loss over the first `n_batches` micro batches of the validation loader.
 
     The loader is rewound first, so every evaluation sees the same batches.
     """
@@ -286,6 +286,16 @@ def train(cfg: RunConfig, mesh: Optional[Mesh] = None) -> Dict[str, Any]:
     if cfg.train.val_every and val_loader is None:
         mon.message(f"warning: {cfg.data.path} has no 'val' split and data.val_path is not set: "
                     "validation is off (train.val_every ignored)")
+    val_steps = 0
+    if val_loader is not None:
+        # train.val_batches global batches: the first val_batches x global_batch_size sequences of
+        # the split, the same ones at any dp or micro batch size (a run resumed at another dp
+        # keeps a comparable val_loss); a smaller split is read whole, never twice.
+        val_steps = min(cfg.train.val_batches * gas, val_loader.steps_per_epoch)
+        if val_steps < cfg.train.val_batches * gas:
+            mon.message(f"warning: the validation split holds {val_loader.steps_per_epoch * dp * micro} whole "
+                        f"micro steps' sequences, fewer than train.val_batches x train.global_batch_size = "
+                        f"{cfg.train.val_batches * cfg.train.global_batch_size}: each validation reads all of them")
     mon.message(f"world {world} = dp {dp} x sp {sp}, ZeRO-{cfg.deepspeed.zero_stage}, "
                 f"{resolve_precision(cfg.train)}, micro {micro} x accum {gas}, {n_params / 1e6:.2f}M params")
     fpt = flops_per_token(cfg.model, n_params, cfg.train.seq_len)
@@ -336,7 +346,7 @@ def train(cfg: RunConfig, mesh: Optional[Mesh] = None) -> Dict[str, Any]:
             if peak:
                 rec["mfu"] = rec["tokens_per_s"] * fpt / (peak * world)
             if val_loader is not None and state.step % cfg.train.val_every == 0:
-                rec["val_loss"] = evaluate(engine, val_loader, cfg.train.val_batches, mesh, device,
+                rec["val_loss"] = evaluate(engine, val_loader, val_steps, mesh, device,
                                            cfg.train.loss_chunk_tokens)
             mon.log(state.step, rec)
             if state.bad_in_row >= cfg.train.max_bad_steps:

@@ -47,6 +47,14 @@ def test_sp2_matches_single_process(world, stage):
     _same_curve(world["single"]["metrics"], world[f"sp2_stage{stage}"]["metrics"])
 
 
+def test_validation_reads_the_same_sequences_at_any_layout(world):
+    """train.val_batches counts global batches: dp 2 x micro 1, dp 1 x micro 2 and dp 1 x micro 1
+    (4 accumulation steps) validate on the same sequences, so the same weights score the same
+    val_loss (and the runs, on the same global batches, train the same weights)."""
+    _same_curve(world["single"]["metrics"], world["stage0"]["metrics"])
+    _same_curve(world["single"]["metrics"], world["single_micro1"]["metrics"])
+
+
 def test_metrics_have_required_fields(world):
     for m in world["stage0"]["metrics"]:
         for key in ("step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s"):
@@ -93,3 +101,17 @@ def test_training_without_validation_data_runs_with_validation_off(tmp_path):
     assert [m["step"] for m in got["metrics"]] == [1, 2, 3, 4]
     assert not any("val_loss" in m for m in got["metrics"])
     assert got["printed"].count("has no 'val' split") == 1
+
+
+def test_small_validation_split_is_read_whole_once(tmp_path):
+    """A val split of fewer sequences than train.val_batches x global_batch_size (4 x 4): each
+    validation reads all of it (here the one sequence prep moves to val), and the run says so."""
+    import functools
+
+    from tests.train.worlds import no_val_run
+
+    got = run_world(functools.partial(no_val_run, val_fraction=1e-9), 1, str(tmp_path), timeout=300)[0]
+    assert [m["step"] for m in got["metrics"] if "val_loss" in m] == [2, 4]
+    assert got["printed"].count("each validation reads all of them") == 1
+    assert ("holds 1 whole micro steps' sequences, fewer than train.val_batches x "
+            "train.global_batch_size = 16") in got["printed"]

@@ -188,12 +188,15 @@ def single_runs(rank, world, root):
     from llm_lru.train import trainer
 
     trainer.train(tiny_cfg(Path(root) / "single", train={"micro_batch_size": 2, "val_every": 2}))
-    return {"single": {"metrics": metrics(Path(root) / "single")}}
+    # micro batch 1 x 4 accumulation steps: validation must still read the same sequences
+    trainer.train(tiny_cfg(Path(root) / "single_micro1", train={"micro_batch_size": 1, "val_every": 2}))
+    return {name: {"metrics": metrics(Path(root) / name)} for name in ("single", "single_micro1")}
 
 
-def no_val_run(rank, world, root):
-    """Shards with no 'val' split and train.val_every set: the run trains with validation off and
-    says so once (returns the metrics and what the run printed)."""
+def no_val_run(rank, world, root, val_fraction=0.0):
+    """Shards with no 'val' split (val_fraction 0) and train.val_every set: the run trains with
+    validation off and says so once (returns the metrics and what the run printed). With a
+    val_fraction, a val split smaller than train.val_batches global batches."""
     import contextlib
     import io
 
@@ -204,8 +207,8 @@ def no_val_run(rank, world, root):
     corpus = root / "corpus"
     corpus.mkdir()
     (corpus / "a.txt").write_text("one small document of text, " * 40)
-    run_prep(PrepConfig(inputs=[str(corpus)], tokenizer="bytes", seq_len=16, shard_size=50), root / "data",
-             progress=False)
+    run_prep(PrepConfig(inputs=[str(corpus)], tokenizer="bytes", seq_len=16, shard_size=50,
+                        val_fraction=val_fraction), root / "data", progress=False)
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         trainer.train(tiny_cfg(root / "run", model={"vocab_size": 512}, train={"val_every": 2},
