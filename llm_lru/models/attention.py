@@ -11,7 +11,8 @@ visible pair; only those are computed:
 - CPU: `tiled_attention`, SDPA's flash kernel per tile (no mask on fully visible spans, a
   tile-sized mask on the others), tiles joined by their log-sum-exp, with its own backward that
   re-runs the flash backward per tile against the joined (out, logsumexp).
-- CUDA: flex_attention with a BlockMask (compiled).
+- CUDA: flex_attention with a BlockMask (compiled), built once per step for all layers
+  (`BlockMaskMemo`).
 `dense_attention` (one boolean mask, SDPA) is the reference they are tested against.
 """
 from __future__ import annotations
@@ -246,6 +247,30 @@ def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_start
 _compiled = {}
 
 
+class BlockMaskMemo:
+    """The last BlockMask per shape and rule: every attention layer of a forward (and activation
+    checkpointing's recompute) passes the same doc_start tensor, so the mask is built once per step,
+    not once per layer. An entry holds that tensor, so its id cannot be reused by a new batch while
+    the entry lives, and its _version, so an in-place edit rebuilds the mask."""
+
+    def __init__(self, size: int = 8):
+        self.size, self.entries = size, {}
+
+    def get(self, key, doc_start: Optional[torch.Tensor]):
+        hit = self.entries.get(key)
+        if hit is None or hit[0] is not doc_start or (doc_start is not None and hit[1] != doc_start._version):
+            return None
+        return hit[2]
+
+    def put(self, key, doc_start: Optional[torch.Tensor], block_mask) -> None:
+        if key not in self.entries and len(self.entries) >= self.size:
+            self.entries.pop(next(iter(self.entries)))
+        self.entries[key] = (doc_start, None if doc_start is None else doc_start._version, block_mask)
+
+
+_block_masks = BlockMaskMemo()
+
+
 def flex_mask_mod(ids: Optional[torch.Tensor], q0, window, causal: bool, windowed: bool):
     """The rules of `attention_mask` as a flex_attention mask_mod: query i sits at key q0 + i.
     q0 and window may be 0-d tensors (so that new values do not recompile)."""
@@ -275,10 +300,14 @@ def flex_attention_route(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_
     flex, make_mask = (_compiled["flex"], _compiled["mask"]) if compiled else (flex_attention, create_block_mask)
     B, H, Tq, hd = q.shape
     Tk = k.shape[2]
-    ids = doc_ids(doc_start) if doc_start is not None else None
-    scalar = lambda x: torch.tensor(x, device=q.device)  # noqa: E731
-    mask_mod = flex_mask_mod(ids, scalar(Tk - Tq), scalar(window), causal, bool(window))
-    block_mask = make_mask(mask_mod, B if ids is not None else None, None, Tq, Tk, device=q.device)
+    key = (Tq, Tk, int(window), bool(causal), B, q.device, compiled)
+    block_mask = _block_masks.get(key, doc_start)
+    if block_mask is None:
+        ids = doc_ids(doc_start) if doc_start is not None else None
+        scalar = lambda x: torch.tensor(x, device=q.device)  # noqa: E731
+        mask_mod = flex_mask_mod(ids, scalar(Tk - Tq), scalar(window), causal, bool(window))
+        block_mask = make_mask(mask_mod, B if ids is not None else None, None, Tq, Tk, device=q.device)
+        _block_masks.put(key, doc_start, block_mask)
     size = max(16, 1 << (hd - 1).bit_length())
     if size != hd:
         q, k, v = (F.pad(x, (0, size - hd)) for x in (q, k, v))

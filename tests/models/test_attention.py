@@ -188,6 +188,40 @@ def test_flex_mask_mod_matches_dense_forward(case, hd):
     torch.testing.assert_close(out, dense_attention(q, k, v, docs, window, causal), **TOL[torch.float32])
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_block_mask_built_once_per_doc_start(monkeypatch):
+    """The layers of one forward share their doc_start: one BlockMask for all of them. A new
+    batch (another tensor, even with equal values) or an in-place edit builds a new one, and every
+    output still equals the dense reference of the documents it was given."""
+    import torch.nn.attention.flex_attention as flex
+
+    built = []
+    real = flex.create_block_mask
+    monkeypatch.setattr(flex, "create_block_mask", lambda *a, **k: built.append(1) or real(*a, **k))
+    monkeypatch.setattr(A, "_block_masks", A.BlockMaskMemo())
+    (q, k, v), _, gen = inputs(2, 2, 1, 40, 40, 16, torch.float32, 0)
+
+    def check(docs):
+        out = A.flex_attention_route(q, k, v, docs, 0, True, compiled=False)
+        torch.testing.assert_close(out, dense_attention(q, k, v, docs, 0, True), **TOL[torch.float32])
+
+    docs = random_docs(2, 40, 0.2, gen)
+    for _layer in range(3):
+        check(docs)
+    assert len(built) == 1
+    check(docs.clone())                      # a new batch with the same values
+    assert len(built) == 2
+    other = random_docs(2, 40, 0.2, gen)
+    check(other)                             # other documents: a stale mask would fail the check
+    assert len(built) == 3
+    other[:, 7] = ~other[:, 7]               # an in-place edit of the cached tensor
+    check(other)
+    assert len(built) == 4
+    check(None)
+    check(None)
+    assert len(built) == 5
+
+
 def test_bad_input_names_the_tensor():
     (q, k, v), _, _ = inputs(1, 4, 2, 10, 8, 8, torch.float32, 0)
     with pytest.raises(ValueError, match="Tq <= Tk"):
