@@ -27,6 +27,13 @@ MIXER_KINDS = ("attn", "swa", "lru", "glru", "bdlru", "hlru", "blur")
 RECURRENT_KINDS = ("lru", "glru", "bdlru", "hlru", "blur")
 GATE_NORMS = ("softmax", "sigmoid", "relu", "tanh", "lin_l1")
 MAX_BLOCK_SIZE = 16
+# Model fields added after runs and exports existed: a saved config (a checkpoint's config.yaml,
+# an export's config.json) without the key was written by code that behaved like this value.
+LEGACY_MODEL_DEFAULTS = {"hlru_readout": "last"}
+# Model fields a resumed run may change: they only shape the initial weights, or (window,
+# rope_theta) how attention reads positions, a deliberate long-context continuation.
+RESUMABLE_MODEL_FIELDS = ("init_std", "lru_r_min", "lru_r_max", "lru_max_phase", "gate_init", "window",
+                          "rope_theta")
 
 
 @dataclass
@@ -175,8 +182,12 @@ def _merge(base: DictConfig, other: Any, what: str) -> DictConfig:
         raise ConfigError(f"{what}: wrong type for '{e.full_key}': {e.msg.splitlines()[0]}") from None
 
 
-def load_config(path: Optional[str | Path] = None, overrides: Optional[List[str]] = None) -> RunConfig:
-    """Merge a YAML file and `key=value` overrides onto the schema, validate, return RunConfig."""
+def load_config(path: Optional[str | Path] = None, overrides: Optional[List[str]] = None,
+                saved: bool = False) -> RunConfig:
+    """Merge a YAML file and `key=value` overrides onto the schema, validate, return RunConfig.
+
+    saved: the file is a config the trainer wrote (a run's or checkpoint's config.yaml): model
+    keys it lacks take LEGACY_MODEL_DEFAULTS, the behaviour of the code that wrote it."""
     cfg = OmegaConf.structured(RunConfig)
     if path is not None:
         path = Path(path)
@@ -186,6 +197,10 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[List[str]
             file_cfg = OmegaConf.load(path)
         except Exception as e:  # yaml errors carry the line
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if saved and isinstance(file_cfg.get("model"), DictConfig):
+            for key, value in LEGACY_MODEL_DEFAULTS.items():
+                if key not in file_cfg.model:
+                    file_cfg.model[key] = value
         cfg = _merge(cfg, file_cfg, str(path))
     if overrides:
         for item in overrides:

@@ -92,3 +92,15 @@ def test_cli_reports_config_error_before_running(tmp_path):
 def test_cli_unknown_command():
     r = subprocess.run([sys.executable, "-m", "llm_lru", "fly"], capture_output=True, text=True)
     assert r.returncode == 2 and "unknown command 'fly'" in r.stderr
+
+
+def test_saved_config_without_a_new_key_reads_as_the_old_behaviour(tmp_path):
+    """A checkpoint's config.yaml written before model.hlru_readout existed (read with saved=True,
+    as export and resume do) means the 'last' readout of then; a user's YAML gets today's default."""
+    from llm_lru.config import load_config
+
+    (tmp_path / "c.yaml").write_text("data:\n  source: random\nmodel:\n  pattern: HA\n  vocab_size: 64\n")
+    assert load_config(tmp_path / "c.yaml", saved=True).model.hlru_readout == "last"
+    assert load_config(tmp_path / "c.yaml").model.hlru_readout == "state"
+    (tmp_path / "d.yaml").write_text("data:\n  source: random\nmodel:\n  pattern: HA\n  vocab_size: 64\n  hlru_readout: state\n")
+    assert load_config(tmp_path / "d.yaml", saved=True).model.hlru_readout == "state"

@@ -44,7 +44,7 @@ def _find_config(candidates, config: Optional[str], what: Path) -> RunConfig:
         return load_config(config)
     for c in candidates:
         if c is not None and (c / "config.yaml").is_file():
-            return load_config(c / "config.yaml")
+            return load_config(c / "config.yaml", saved=True)
     raise ValueError(f"{what}: no config.yaml beside the checkpoint or in its parent; pass --config RUN_CONFIG.yaml")
 
 

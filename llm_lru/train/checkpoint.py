@@ -34,6 +34,7 @@ recorded size; anything else (a crash mid-save, a truncated file) is skipped wit
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -223,6 +224,31 @@ def read_status(run_dir: Path) -> Dict[str, Any]:
 
 def read_meta(ckpt: Path) -> Dict[str, Any]:
     return json.loads((Path(ckpt) / "meta.json").read_text())
+
+
+def check_resume_model(ckpt: Path, model) -> None:
+    """Refuse to resume `ckpt` (a ConfigError naming every key) when this run's ModelConfig differs
+    from the one it was trained with in anything but RESUMABLE_MODEL_FIELDS; a config.yaml that
+    predates a key counts with the value of then (LEGACY_MODEL_DEFAULTS)."""
+    from llm_lru.config import LEGACY_MODEL_DEFAULTS, RESUMABLE_MODEL_FIELDS, ConfigError, load_config
+
+    path = Path(ckpt) / "config.yaml"
+    if not path.is_file():  # a checkpoint from before configs were saved with it: nothing to compare
+        return
+    from omegaconf import OmegaConf
+
+    written = set(OmegaConf.load(path).get("model") or {})
+    saved = load_config(path, saved=True).model
+    diffs = []
+    for f in dataclasses.fields(saved):
+        old, new = getattr(saved, f.name), getattr(model, f.name)
+        if f.name in RESUMABLE_MODEL_FIELDS or old == new:
+            continue
+        why = " (its config predates the key)" if f.name in LEGACY_MODEL_DEFAULTS and f.name not in written else ""
+        diffs.append(f"model.{f.name}: {old!r} in {path}{why}, {new!r} in this run")
+    if diffs:
+        raise ConfigError("checkpoint.resume: the model differs from the checkpoint's: " + "; ".join(diffs)
+                          + ". Set those keys to the checkpoint's values to resume it")
 
 
 def check_resume(ckpt: Path, sp: int, dp: int, global_batch: int) -> bool:

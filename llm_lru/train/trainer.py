@@ -182,9 +182,10 @@ def resume_path(cfg: RunConfig) -> Optional[Path]:
 
 def prepare_resume(ckpt: Path, cfg: RunConfig, dp: int) -> bool:
     """Check that `ckpt` can continue in this world (ValueError naming the key if not: another SP
-    size or global batch). When the DP size changed under ZeRO or bf16, whose optimizer state is
+    size, global batch or model). When the DP size changed under ZeRO or bf16, whose optimizer state is
     sharded per rank, rank 0 builds DeepSpeed's universal checkpoint of it; returns whether the
     engine must load that one (`universal_load_config`)."""
+    ckpt_lib.check_resume_model(ckpt, cfg.model)
     dp_changed = ckpt_lib.check_resume(ckpt, cfg.parallel.sp, dp, cfg.train.global_batch_size)
     if not (dp_changed and (cfg.deepspeed.zero_stage > 0 or resolve_precision(cfg.train) == "bf16")):
         return False
@@ -253,9 +254,6 @@ def train(cfg: RunConfig, mesh: Optional[Mesh] = None) -> Dict[str, Any]:
     check_world(cfg, world)
     sp = cfg.parallel.sp
     run_dir = Path(cfg.out_dir)
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
 
     # Same seed everywhere: identical initial weights on every rank (DeepSpeed also broadcasts).
     torch.manual_seed(cfg.train.seed)
@@ -266,6 +264,9 @@ def train(cfg: RunConfig, mesh: Optional[Mesh] = None) -> Dict[str, Any]:
                         final_state=False)
     ckpt = resume_path(cfg)
     universal = ckpt is not None and prepare_resume(ckpt, cfg, dp)
+    if rank == 0:  # after the resume checks: a refused resume leaves the run's config as it was
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
     engine, optimizer = build_engine(model, universal_load_config(cfg) if universal else cfg, world)
     device = engine.device
     # Per-rank streams from here on (dropout-free today, but samplers and future noise differ).

@@ -333,3 +333,15 @@ def test_other_zero_stages_round_trip(run, tmp_path, stage):
     with torch.no_grad():
         got = _load(tmp_path / "export")(run["probe"]).logits
     torch.testing.assert_close(got, live, rtol=1e-5, atol=1e-5)
+
+
+def test_checkpoint_config_without_a_new_key_reads_as_then(tmp_path):
+    """The config.yaml beside a DeepSpeed tag folder, written before model.hlru_readout existed,
+    resolves with the 'last' readout that code had (the export must build the model it trained)."""
+    from llm_lru.export.source import resolve_source
+
+    tag = tmp_path / "ds" / "step"
+    tag.mkdir(parents=True)
+    (tag / "mp_rank_00_model_states.pt").write_bytes(b"")
+    (tmp_path / "ds" / "config.yaml").write_text("data:\n  source: random\nmodel:\n  pattern: HA\n  vocab_size: 64\n")
+    assert resolve_source(tag).config.model.hlru_readout == "last"

@@ -110,3 +110,27 @@ def test_checkpoint_config_keys_are_validated():
         from_dict({**base, "checkpoint": {"every_minutes": -1}})
     assert from_dict(base).checkpoint.save_signals == ["SIGTERM", "SIGUSR1"]
 
+
+
+def test_resume_refuses_another_model_naming_the_keys(tmp_path):
+    """A resume may change init-only fields and attention's window / rope_theta, nothing else; a
+    checkpoint config that predates model.hlru_readout counts as the old 'last' readout."""
+    import dataclasses
+
+    from llm_lru.config import ConfigError, RunConfig, save_config
+
+    model = dataclasses.replace(RunConfig().model, pattern="HA", vocab_size=64)
+    data = dataclasses.replace(RunConfig().data, source="random")
+    save_config(RunConfig(model=model, data=data), tmp_path / "config.yaml")
+    ck.check_resume_model(tmp_path, model)
+    ck.check_resume_model(tmp_path, dataclasses.replace(model, window=1024, rope_theta=5e5, init_std=0.01))
+    with pytest.raises(ConfigError, match=r"model.d_model: 128 in .*config.yaml, 96 in this run; "
+                                          r"model.n_heads: 4 in .*, 2 in this run\. Set those keys"):
+        ck.check_resume_model(tmp_path, dataclasses.replace(model, d_model=96, n_heads=2))
+
+    text = (tmp_path / "config.yaml").read_text()
+    (tmp_path / "config.yaml").write_text("".join(l for l in text.splitlines(True) if "hlru_readout" not in l))
+    with pytest.raises(ConfigError, match=r"model.hlru_readout: 'last' in .* \(its config predates the key\), "
+                                          r"'state' in this run"):
+        ck.check_resume_model(tmp_path, model)
+    ck.check_resume_model(tmp_path, dataclasses.replace(model, hlru_readout="last"))
