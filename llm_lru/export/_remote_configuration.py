@@ -9,7 +9,7 @@ import dataclasses
 
 from transformers import PretrainedConfig
 
-from .llm_lru_config import ModelConfig, layer_kinds, validate_model
+from .llm_lru_config import LEGACY_MODEL_DEFAULTS, ModelConfig, layer_kinds, validate_model
 
 
 class LLMLRUConfig(PretrainedConfig):
@@ -21,7 +21,7 @@ class LLMLRUConfig(PretrainedConfig):
 
     # Fields added after exports existed: absent from an older config.json means the behaviour
     # of then (save_pretrained writes only the values that differ from these defaults).
-    LEGACY_DEFAULTS = {"hlru_readout": "last"}
+    LEGACY_DEFAULTS = LEGACY_MODEL_DEFAULTS
 
     def __init__(self, prefill_chunk_size: int = 2048, use_cache: bool = True, **kwargs):
         for f in dataclasses.fields(ModelConfig):

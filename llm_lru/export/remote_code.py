@@ -49,7 +49,7 @@ TEMPLATES = {"_remote_kernels.py": "llm_lru_kernels.py",
              "_remote_modeling.py": "modeling_llm_lru.py"}
 # What llm_lru_config.py keeps of llm_lru/config.py (no omegaconf, no run sections).
 CONFIG_NAMES = ("DEFAULT_KINDS", "MIXER_KINDS", "RECURRENT_KINDS", "GATE_NORMS", "MAX_BLOCK_SIZE",
-                "ModelConfig", "ConfigError", "layer_kinds", "_need", "validate_model")
+                "LEGACY_MODEL_DEFAULTS", "ModelConfig", "ConfigError", "layer_kinds", "_need", "validate_model")
 CONFIG_HEADER = ("from __future__ import annotations\n\nfrom dataclasses import dataclass, field\n"
                  "from typing import Any, Dict, List, Optional\n")
 
