@@ -10,7 +10,7 @@ It does not import triton, so CPU users never pay for it.
       sigmoid:  P = sigmoid(g) / sum sigmoid(g)
       relu:     P = relu(g)    / (sum relu(g)    + eps)
       tanh:     P = tanh(g)    / (sum |tanh(g)|  + eps)
-      lin_l1:   P = g          / (sum |g|        + eps)    (PyTorch path only, no fused kernel)
+      lin_l1:   P = g          / (sum |g|        + eps)
     Every row of P has L1 norm <= 1, so the state of the recurrence stays bounded.
 
 `reset` in the two scans below is a per-step cut (B, T) bool: reset[b, t] zeroes A_t (the state
@@ -29,8 +29,7 @@ from .reference import block_scan_ref, companion_scan_ref
 
 Tensor = torch.Tensor
 
-NORMS = ("softmax", "sigmoid", "relu", "tanh")  # also fused in the Triton kernels (codes 1..4)
-ALL_NORMS = NORMS + ("lin_l1",)                  # lin_l1 only here, on the PyTorch path
+NORMS = ("softmax", "sigmoid", "relu", "tanh", "lin_l1")  # also fused in the Triton kernels (codes 1..5)
 # Keeps relu/tanh/lin_l1 rows finite when every entry is zero; small enough not to matter otherwise.
 EPS = 1e-6
 _EPS = EPS
@@ -65,13 +64,10 @@ def _softmax(g: Tensor) -> Tensor:
     return torch.softmax(g, -1)
 
 
-def check_norm(norm: str, fused: bool = True) -> None:
-    """Raise ValueError naming the unknown normalisation; fused: also one the Triton kernels have."""
-    if norm not in ALL_NORMS:
-        raise ValueError(f"norm: unknown gate normalisation '{norm}' (one of {', '.join(ALL_NORMS)})")
-    if fused and norm not in NORMS:
-        raise ValueError(f"norm: gate normalisation '{norm}' has no fused Triton kernel (the PyTorch scan "
-                         f"backend has it: LLM_LRU_SCAN=torch; fused: {', '.join(NORMS)})")
+def check_norm(norm: str) -> None:
+    """Raise ValueError naming the unknown normalisation."""
+    if norm not in NORMS:
+        raise ValueError(f"norm: unknown gate normalisation '{norm}' (one of {', '.join(NORMS)})")
 
 
 def normalize_rows(logits: Tensor, norm: str = "softmax") -> Tensor:
@@ -79,7 +75,7 @@ def normalize_rows(logits: Tensor, norm: str = "softmax") -> Tensor:
 
     logits: (..., m + 1). Computed in the accumulation dtype (fp32 for half inputs).
     """
-    check_norm(norm, fused=False)
+    check_norm(norm)
     g = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
     if norm == "softmax":
         return _softmax(g)
@@ -158,5 +154,5 @@ def hlru_scan_reference(logits: Tensor, v: Tensor, h0: Optional[Tensor] = None, 
     return companion_scan_ref(P[..., :m], P[..., m] * v.to(P.dtype), h0, reverse, reset)
 
 
-__all__ = ["NORMS", "ALL_NORMS", "EPS", "normalize_rows", "bdlru_gates", "bdlru_scan_reference", "hlru_scan_reference",
+__all__ = ["NORMS", "EPS", "normalize_rows", "bdlru_gates", "bdlru_scan_reference", "hlru_scan_reference",
            "check_norm", "check_bdlru", "check_hlru"]

@@ -8,7 +8,7 @@ fused_recurrent kernels keep theirs. The tuple lengths are constexprs (m, m + 1)
 padded to a power of two.
 
 The normalisation codes match llm_lru.kernels.gates.NORMS: 0 = none (transitions given),
-1 softmax, 2 sigmoid/sum, 3 relu/sum, 4 tanh/sum|.|. The gates module is the definition; these
+1 softmax, 2 sigmoid/sum, 3 relu/sum, 4 tanh/sum|.|, 5 lin_l1 (g/sum|g|). The gates module is the definition; these
 jit functions are tested against it through the fused scans.
 """
 from __future__ import annotations
@@ -92,7 +92,10 @@ def normalize(g, W: tl.constexpr, NORM: tl.constexpr, EPS: tl.constexpr):
         S += EPS
     else:
         for j in tl.static_range(W):
-            e = 2.0 * tl.sigmoid(2.0 * g[j]) - 1.0  # tanh
+            if NORM == 4:
+                e = 2.0 * tl.sigmoid(2.0 * g[j]) - 1.0  # tanh
+            else:
+                e = g[j]  # lin_l1: the logits themselves
             s = s + (e,)
             S += tl.abs(e)
         S += EPS
@@ -118,9 +121,11 @@ def normalize_bwd(dP, P, s, S, g, W: tl.constexpr, NORM: tl.constexpr):
             d = (dP[j] - dot) * inv * s[j] * (1.0 - s[j])
         elif NORM == 3:
             d = tl.where(g[j] > 0.0, (dP[j] - dot) * inv, 0.0)
-        else:
+        else:  # tanh, lin_l1: dS/ds_j = sign(s_j); tanh also ds/dg = 1 - s^2
             sgn = tl.where(s[j] > 0.0, 1.0, tl.where(s[j] < 0.0, -1.0, 0.0))
-            d = (dP[j] - sgn * dot) * inv * (1.0 - s[j] * s[j])
+            d = (dP[j] - sgn * dot) * inv
+            if NORM == 4:
+                d = d * (1.0 - s[j] * s[j])
         dg = dg + (d,)
     return dg
 

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
 MS = (1, 2, 3, 4, 8, 16)
-NORMS = (None, "softmax", "sigmoid", "relu", "tanh")
+NORMS = (None, "softmax", "sigmoid", "relu", "tanh", "lin_l1")
 # Per SM, both archs: 64K registers, 64 warps, 32 blocks; usable shared memory differs.
 SM = {80: dict(regs=65536, warps=64, blocks=32, smem=167936), 90: dict(regs=65536, warps=64, blocks=32, smem=233472)}
 BLOCK_R = 128

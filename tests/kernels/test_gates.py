@@ -19,7 +19,7 @@ def _row(g, norm):
     if norm == "relu":
         s = [max(x, 0.0) for x in g]
         return [x / (sum(s) + EPS) for x in s]
-    s = [math.tanh(x) for x in g]
+    s = [math.tanh(x) for x in g] if norm == "tanh" else list(g)  # lin_l1: the logits themselves
     return [x / (sum(abs(y) for y in s) + EPS) for x in s]
 
 
@@ -30,7 +30,7 @@ def test_normalize_rows_matches_formula(norm):
     want = torch.tensor([[_row(r.tolist(), norm) for r in rows] for rows in g], dtype=torch.float64)
     torch.testing.assert_close(P, want)
     assert P.abs().sum(-1).max() <= 1 + 1e-12  # bounded state
-    if norm != "tanh":
+    if norm not in ("tanh", "lin_l1"):
         assert (P >= 0).all()
 
 
