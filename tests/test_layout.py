@@ -19,12 +19,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _editable_roots():
     """Directories that the distribution's editable .pth files put on sys.path (import lines skipped)."""
-    try:
-        dist = importlib.metadata.distribution("llm_lru")
-    except importlib.metadata.PackageNotFoundError:
+    # Every llm_lru distribution on sys.path: the tree's own llm_lru.egg-info (left by the editable
+    # build, found first when the checkout is the working directory) lists no .pth files.
+    dists = list(importlib.metadata.distributions(name="llm_lru"))
+    if not dists:
         pytest.skip("llm_lru is not installed (run `make setup`)")
     roots, hooks = [], []
-    for f in dist.files or []:
+    for dist, f in ((d, f) for d in dists for f in d.files or []):
         if f.name.startswith("__editable__") and f.suffix == ".pth":
             for line in Path(dist.locate_file(f)).read_text().splitlines():
                 line = line.strip()
