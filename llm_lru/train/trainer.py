@@ -294,9 +294,10 @@ def train(cfg: RunConfig, mesh: Optional[Mesh] = None) -> Dict[str, Any]:
         # keeps a comparable val_loss); a smaller split is read whole, never twice.
         val_steps = min(cfg.train.val_batches * gas, val_loader.steps_per_epoch)
         if val_steps < cfg.train.val_batches * gas:
-            mon.message(f"warning: the validation split holds {val_loader.steps_per_epoch * dp * micro} whole "
-                        f"micro steps' sequences, fewer than train.val_batches x train.global_batch_size = "
-                        f"{cfg.train.val_batches * cfg.train.global_batch_size}: each validation reads all of them")
+            mon.message(f"warning: each validation reads the whole val split, "
+                        f"{val_loader.steps_per_epoch * dp * micro} sequences in whole micro steps: fewer than "
+                        f"train.val_batches x train.global_batch_size = "
+                        f"{cfg.train.val_batches * cfg.train.global_batch_size}")
     mon.message(f"world {world} = dp {dp} x sp {sp}, ZeRO-{cfg.deepspeed.zero_stage}, "
                 f"{resolve_precision(cfg.train)}, micro {micro} x accum {gas}, {n_params / 1e6:.2f}M params")
     fpt = flops_per_token(cfg.model, n_params, cfg.train.seq_len)

@@ -112,8 +112,8 @@ def test_small_validation_split_is_read_whole_once(tmp_path):
 
     got = run_world(functools.partial(no_val_run, val_fraction=1e-9), 1, str(tmp_path), timeout=300)[0]
     assert [m["step"] for m in got["metrics"] if "val_loss" in m] == [2, 4]
-    assert got["printed"].count("each validation reads all of them") == 1
-    assert ("holds 1 whole micro steps' sequences, fewer than train.val_batches x "
+    assert got["printed"].count("each validation reads the whole val split") == 1
+    assert ("the whole val split, 1 sequences in whole micro steps: fewer than train.val_batches x "
             "train.global_batch_size = 16") in got["printed"]
 
 
