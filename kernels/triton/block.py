@@ -110,6 +110,9 @@ def _block_fwd_kernel(G, U, INIT, H, LAST, PROD, RST,
             if HAS_RESET:
                 acc = acc * keep
             hn = hn + (acc + u,)
+            if STORE_H:  # row by row: the next row's loads stay behind this store (ptxas hoisted
+                # all m (m + 1) loads of a step above the stores at m = 8 in reverse, and spilled)
+                tl.store(H + tok * M + i, acc + u, mask=rmask)
             if WANT_P:
                 for q in tl.static_range(NCOL):
                     pacc = a[0] * Pt[q]
@@ -121,8 +124,6 @@ def _block_fwd_kernel(G, U, INIT, H, LAST, PROD, RST,
         h = hn
         if WANT_P:
             Pt = Pn
-        if STORE_H:
-            store_tuple(H, tok * M, h, rmask, M)
     store_tuple(LAST, cid * M, h, rmask & (rows * 0 + grp == 0), M)
     if WANT_P:
         for j in tl.static_range(M):
