@@ -100,15 +100,16 @@ def _block_fwd_kernel(G, U, INIT, H, LAST, PROD, RST,
         else:
             t = step
         tok = (b * T + t) * N + n
-        if HAS_RESET:
-            keep = tl.where(tl.load(RST + b * T + t, mask=rmask, other=0) != 0, 0.0, 1.0).to(ACC)
+        if HAS_RESET:  # a predicate, not a 0/1 float: one register fewer (bf16 reverse m = 8 then
+            # fits 32 registers without ptxas spilling the carry index to reach them)
+            cut = tl.load(RST + b * T + t, mask=rmask, other=0) != 0
         hn = ()
         Pn = ()
         for i in tl.static_range(M):
             a, u, g, v, a0, P, s, S = _trans_row(G, U, tok, i, rmask, M, W, NORM, EPS, ACC)
             acc = _dot(a, h, M)
             if HAS_RESET:
-                acc = acc * keep
+                acc = tl.where(cut, 0.0, acc)
             hn = hn + (acc + u,)
             if STORE_H:  # row by row: the next row's loads stay behind this store (ptxas hoisted
                 # all m (m + 1) loads of a step above the stores at m = 8 in reverse, and spilled)
@@ -119,7 +120,7 @@ def _block_fwd_kernel(G, U, INIT, H, LAST, PROD, RST,
                     for j in tl.static_range(1, M):
                         pacc += a[j] * Pt[j * NCOL + q]
                     if HAS_RESET:
-                        pacc = pacc * keep
+                        pacc = tl.where(cut, 0.0, pacc)
                     Pn = Pn + (pacc,)
         h = hn
         if WANT_P:
