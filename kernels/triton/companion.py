@@ -81,12 +81,12 @@ def _comp_fwd_kernel(G, X, INIT, Y, LAST, PROD, RST,
             t = step
         tok = (b * T + t) * N + n
         a, x, g, v, a0, P, s, S = _coeff_row(G, X, tok, rmask, M, W, NORM, EPS, ACC)
-        if HAS_RESET:
-            keep = tl.where(tl.load(RST + b * T + t, mask=rmask, other=0) != 0, 0.0, 1.0).to(ACC)
-            cut = ()
+        if HAS_RESET:  # a predicate, not a 0/1 float: one register fewer (as block.py's forward)
+            cut = tl.load(RST + b * T + t, mask=rmask, other=0) != 0
+            kept = ()
             for j in tl.static_range(M):
-                cut = cut + (st[j] * keep,)
-            st = cut
+                kept = kept + (tl.where(cut, 0.0, st[j]),)
+            st = kept
         y = _dot(a, st, M) + x
         nst = (y,)
         for j in tl.static_range(M - 1):
@@ -95,19 +95,19 @@ def _comp_fwd_kernel(G, X, INIT, Y, LAST, PROD, RST,
         if STORE_Y:
             tl.store(Y + tok, y, mask=rmask)
         if WANT_P:
-            # companion rows: row 0 = a . P, row i = P[i - 1] (times keep)
+            # companion rows: row 0 = a . P, row i = P[i - 1] (zero at a cut)
             Pn = ()
             for q in tl.static_range(NCOL):
                 pacc = a[0] * Pt[q]
                 for j in tl.static_range(1, M):
                     pacc += a[j] * Pt[j * NCOL + q]
                 if HAS_RESET:
-                    pacc = pacc * keep
+                    pacc = tl.where(cut, 0.0, pacc)
                 Pn = Pn + (pacc,)
             for i in tl.static_range(1, M):
                 for q in tl.static_range(NCOL):
                     if HAS_RESET:
-                        Pn = Pn + (Pt[(i - 1) * NCOL + q] * keep,)
+                        Pn = Pn + (tl.where(cut, 0.0, Pt[(i - 1) * NCOL + q]),)
                     else:
                         Pn = Pn + (Pt[(i - 1) * NCOL + q],)
             Pt = Pn
