@@ -65,9 +65,15 @@ def test_variants_cover_the_launch_grid():
     assert any(v.reset and not v.norm for v in full if v.kernel == "block_fwd")
 
 
-def _run_aot(tmp_path, *args, timeout=3000):
+def _compile_env():
+    """This environment without TRITON_INTERPRET (conftest sets it), for a compiling subprocess."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    return env
+
+
+def _run_aot(tmp_path, *args, timeout=3000):
+    env = _compile_env()
     out = tmp_path / "r.csv"
     proc = subprocess.run([sys.executable, "-m", "llm_lru.kernels.triton.aot", "--out", str(out), *args],
                           env=env, capture_output=True, text=True, timeout=timeout)
@@ -104,9 +110,8 @@ def test_compile_reverse_block_cuts_m8():
             "v = aot.Variant('block_fwd', 8, None, 'bf16', reverse=True, reset=True); "
             "fn, meta, nw = aot.kernel_spec(v); r = aot.measure(fn, meta, 'bf16', 90, nw); "
             "print(r['regs'], r['spill_bytes'])")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", code], env=_compile_env(), capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     regs, spill = map(int, proc.stdout.split())
     assert spill == 0 and regs <= 64, proc.stdout
