@@ -27,7 +27,10 @@ input_ids int64 (B, T_local), labels int64 (B, T_local) (-100: ignored), doc_sta
 """
 from __future__ import annotations
 
+import functools
 import logging
+import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -43,6 +46,22 @@ log = logging.getLogger("llm_lru.data")
 IGNORE = -100
 NOMINAL_EPOCH = 1000    # steps per "epoch" of the endless random/synthetic sources
 STATE_VERSION = 2
+# Signals a loader worker ignores when the run config names none (checkpoint.save_signals' default).
+DEFAULT_IGNORED_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
+
+
+def _ignore_signals(names: Tuple[str, ...], worker_id: int) -> None:
+    """DataLoader worker_init_fn: ignore the save signals (and SIGINT) in a loader worker.
+
+    torchrun delivers a forwarded signal to each worker's whole process group, and SLURM to every
+    process of the step, so loader workers get SIGTERM / SIGUSR1 with the trainer. PyTorch's worker
+    loop installs a SIGTERM handler that dies of it (before this function runs, so ours wins), and
+    the trainer then raises "DataLoader worker ... is killed by signal" before it can save. Ignored
+    here, the trainer alone decides: it finishes the step, saves, and shuts its loader down, which
+    ends the workers (they also exit by themselves when the trainer dies: PyTorch's watchdog).
+    """
+    for name in names:
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 @dataclass
@@ -281,9 +300,11 @@ class Loader:
     """
 
     def __init__(self, kind: str, layout: Layout, seed: int, num_workers: int, plan: Optional[Plan] = None,
-                 gen: Optional[_GeneratedDataset] = None, fingerprint: Optional[Dict[str, Any]] = None):
+                 gen: Optional[_GeneratedDataset] = None, fingerprint: Optional[Dict[str, Any]] = None,
+                 ignore_signals: Tuple[str, ...] = DEFAULT_IGNORED_SIGNALS):
         self.kind, self.layout, self.seed = kind, layout, seed
         self.num_workers, self.plan, self.gen = num_workers, plan, gen
+        self.ignore_signals = tuple(ignore_signals)     # in the worker processes (see _ignore_signals)
         self.step = 0
         self.steps_per_epoch = plan.steps if plan else NOMINAL_EPOCH
         self.dropped_per_epoch = plan.n - plan.epoch_len if plan else 0
@@ -302,8 +323,10 @@ class Loader:
             ds, workers = self.gen, 0
         if workers > 0:
             # pin_memory on CUDA hosts: host-to-device copies can then overlap the step.
-            it = iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, prefetch_factor=4,
-                                                  persistent_workers=False, pin_memory=torch.cuda.is_available()))
+            it = iter(torch.utils.data.DataLoader(
+                ds, batch_size=None, num_workers=workers, prefetch_factor=4, persistent_workers=False,
+                pin_memory=torch.cuda.is_available(),
+                worker_init_fn=functools.partial(_ignore_signals, self.ignore_signals)))
         else:
             it = iter(ds)
         try:
@@ -316,6 +339,11 @@ class Loader:
             shutdown = getattr(it, "_shutdown_workers", None)
             if shutdown:
                 shutdown()
+            # PyTorch's last resort for a worker that did not exit is SIGTERM, which ours ignore.
+            for w in getattr(it, "_workers", ()):
+                if w.is_alive():
+                    os.kill(w.pid, signal.SIGKILL)
+                    w.join()
 
     def state_dict(self) -> Dict[str, Any]:
         """Plain JSON-able position: enough to resume exactly, also at another DP size.
@@ -369,12 +397,20 @@ def has_val_split(run_cfg) -> bool:
     return "val" in _manifest("data.path", d.path)["splits"]
 
 
+def ignored_signals(run_cfg) -> Tuple[str, ...]:
+    """What loader workers ignore: the run's checkpoint.save_signals, and SIGINT (the trainer's)."""
+    ckpt = getattr(run_cfg, "checkpoint", None)
+    names = list(ckpt.save_signals) if ckpt is not None else list(DEFAULT_IGNORED_SIGNALS)
+    return tuple(dict.fromkeys([*names, "SIGINT"]))
+
+
 def build_loader(run_cfg, split: str = "train", dp_rank: int = 0, dp_size: int = 1, sp_rank: int = 0,
                  sp_size: int = 1, batch_size: Optional[int] = None) -> Loader:
     """The loader of one DP rank for `split` ("train" | "val"); see the module docstring.
 
     batch_size: sequences per DP rank per micro step; default train.global_batch_size // dp_size.
-    Shards: data.path (split "val": data.val_path if set, else data.path's val split).
+    Shards: data.path (split "val": data.val_path if set, else data.path's val split). Its worker
+    processes ignore the run's save signals (see _ignore_signals).
     """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got '{split}'")
@@ -423,7 +459,8 @@ def build_loader(run_cfg, split: str = "train", dp_rank: int = 0, dp_size: int =
         raise ValueError(f"{key}: {plan.n} '{want}' samples cannot fill one step of {G} sequences "
                          f"(dp_size {dp_size} x batch {B})")
     loader = Loader("shards", lay, seed, d.num_workers, plan=plan,
-                    fingerprint={"num_samples": plan.n, "global_batch": G, "shuffle": shuffle, "window": window})
+                    fingerprint={"num_samples": plan.n, "global_batch": G, "shuffle": shuffle, "window": window},
+                    ignore_signals=ignored_signals(run_cfg))
     if loader.dropped_per_epoch and dp_rank == 0:
         log.info("%s: %d of %d samples per epoch are left out so that every DP rank takes %d steps "
                  "(a different set each epoch when shuffling)", folder, loader.dropped_per_epoch, plan.n, plan.steps)

@@ -36,3 +36,32 @@ def _link_new_modules() -> None:
 
 
 _link_new_modules()
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def stdlib_shards(tmp_path_factory):
+    """make(seq_len) -> a shard folder from `llm-lru prep --corpus python-stdlib --tokenizer bytes`
+    (the command a new user runs first), made once per seq_len per session: launch, signal, restart
+    and resume tests run on real shards with loader workers, never only on generated data."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    made = {}
+    repo = Path(__file__).resolve().parents[1]
+
+    def make(seq_len: int) -> Path:
+        if seq_len not in made:
+            out = tmp_path_factory.mktemp(f"stdlib{seq_len}") / "data"
+            cmd = [sys.executable, "-m", "llm_lru.cli", "prep", "--corpus", "python-stdlib", "--tokenizer", "bytes",
+                   "--seq-len", str(seq_len), "--max-bytes", "256K", "--out", str(out), "--quiet"]
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=repo,
+                                  env={**os.environ, "PYTHONPATH": str(repo)})
+            assert done.returncode == 0, done.stdout + done.stderr
+            made[seq_len] = out
+        return made[seq_len]
+
+    return make
