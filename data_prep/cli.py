@@ -82,6 +82,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ValueError as e:
         print(f"llm-lru prep: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (prep.py turns it into this)
+        print(f"llm-lru prep: interrupted ({e or 'SIGINT'}); finished shards and the resume state are kept: "
+              f"run the same command again to continue", file=sys.stderr)
+        return 130
     st = m["stats"]
     for bad in st["bad_files"]:
         print(f"llm-lru prep: skipped unreadable file {bad['path']}: {bad['error']}", file=sys.stderr)

@@ -13,6 +13,12 @@ Resume: after a task that completed a shard (at most every SAVE_EVERY_S), the sa
 a finished shard go to `.prep_pending-N.npz` and the position to `.prep_state.json`; a rerun of
 the same command starts at the next task and keeps the finished shards (checked by sha256).
 Shards written after the last save are written again, identically.
+
+Interruption: SIGTERM (SLURM, a node shutdown, `kill`) stops a prep as Ctrl-C does, in the main
+process: the pool is terminated, unfinished `*.tmp` shard files are removed, and the resume state
+stays (a first one is written before any shard). A shard only gets its name by a rename after
+its last byte, and the manifest, written last, is what makes the folder readable: an interrupted
+folder never looks complete. Pool workers ignore SIGINT: the main process decides.
 """
 from __future__ import annotations
 
@@ -22,7 +28,9 @@ import json
 import multiprocessing as mp
 import os
 import shlex
+import signal
 import sys
+import threading
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
@@ -222,6 +230,9 @@ _BYTES = False
 
 def _init_worker(tokenizer_file: str, kind: str) -> None:
     global _TOK, _BYTES
+    if mp.parent_process() is not None:   # a pool worker: Ctrl-C is the main process's to handle,
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)   # and SIGTERM ends it quietly (Pool.terminate too)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _TOK = from_path(tokenizer_file)
     _BYTES = kind == "bytes"
@@ -321,14 +332,37 @@ def run_prep(cfg: PrepConfig, out: str | Path, workers: int = 1, command: str = 
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
-        return _run(cfg, conf, out, tasks, bad_files, state, workers, command, progress)
+        with _sigterm_as_interrupt():
+            return _run(cfg, conf, out, tasks, bad_files, state, workers, command, progress)
     except BaseException:
+        for tmp in out.glob("*.tmp"):   # a shard or state file cut off mid-write
+            tmp.unlink(missing_ok=True)
         if created and not any(out.glob("*.tar")):
             # Nothing worth resuming: leave no half-made folder behind.
             for p in out.iterdir():
                 p.unlink()
             out.rmdir()
         raise
+
+
+class _sigterm_as_interrupt:
+    """Within: SIGTERM raises KeyboardInterrupt in the main thread, so that the cleanup that Ctrl-C
+    gets (pool terminated, partial files removed) also runs for SLURM's or a shutdown's SIGTERM."""
+
+    def __enter__(self):
+        self.old = None
+        if threading.current_thread() is threading.main_thread():
+            self.old = signal.signal(signal.SIGTERM, self._raise)
+        return self
+
+    @staticmethod
+    def _raise(signum, frame):
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    def __exit__(self, *exc):
+        if self.old is not None:
+            signal.signal(signal.SIGTERM, self.old)
+        return False
 
 
 def _run(cfg: PrepConfig, conf: Dict[str, Any], out: Path, tasks: List[corpus.Task],
@@ -377,6 +411,11 @@ def _run(cfg: PrepConfig, conf: Dict[str, Any], out: Path, tasks: List[corpus.Ta
         _init_worker(tok_file, tok.kind)
         results = map(_work, jobs)
     pending_n = state["pending_n"] + 1 if state else 0
+    if not state:
+        # A first resume state before any shard: an interrupted folder is this command's own
+        # unfinished prep (a rerun continues it), never an unknown non-empty folder.
+        _save_state(out, conf, command, tok_rec, 0, stats, packers, writers, pending_n)
+        pending_n += 1
     saved_shards = sum(len(w.shards) for w in writers.values())
     last_save = time.monotonic()
     try:

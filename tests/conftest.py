@@ -57,7 +57,7 @@ def stdlib_shards(tmp_path_factory):
         if seq_len not in made:
             out = tmp_path_factory.mktemp(f"stdlib{seq_len}") / "data"
             cmd = [sys.executable, "-m", "llm_lru.cli", "prep", "--corpus", "python-stdlib", "--tokenizer", "bytes",
-                   "--seq-len", str(seq_len), "--max-bytes", "256K", "--out", str(out), "--quiet"]
+                   "--seq-len", str(seq_len), "--max-bytes", "256K", "--val-fraction", "0.2", "--out", str(out), "--quiet"]
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=repo,
                                   env={**os.environ, "PYTHONPATH": str(repo)})
             assert done.returncode == 0, done.stdout + done.stderr

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import os
 import random
@@ -171,6 +172,45 @@ def prune(ckpt_root: Path, keep: int) -> List[Path]:
     return removed
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (a full disk, a quota); the partial one was removed."""
+
+
+def without_frames(error: BaseException) -> BaseException:
+    """`error` (and its chain) without tracebacks: their frames hold the failed writer's open files,
+    whose space a removed checkpoint does not give back while they stay open. Collected now."""
+    import gc
+
+    e: Optional[BaseException] = error
+    while e is not None:
+        e.__traceback__ = None
+        e = e.__cause__ or e.__context__
+    gc.collect()
+    return error
+
+
+def _tree_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def discard_failed_save(ckpt: Path, error: Optional[BaseException], model_bytes: int) -> str:
+    """Remove the partial checkpoint `ckpt` left by a failed save; return the message that says why
+    it failed: the checkpoint, the bytes it needs (the newest complete checkpoint's size, else
+    `model_bytes`), the free space, and that `latest` still names the previous checkpoint."""
+    ckpt = Path(ckpt)
+    previous = latest_complete(ckpt.parent, warn=False)
+    need = _tree_bytes(previous) if previous is not None and previous != ckpt else model_bytes
+    shutil.rmtree(ckpt, ignore_errors=True)
+    free = shutil.disk_usage(ckpt.parent).free
+    full = isinstance(error, OSError) and error.errno == errno.ENOSPC or "space" in str(error).lower() \
+        or free < need
+    why = "the disk is full" if full else f"{type(error).__name__}: {str(error).strip()[:300]}"
+    keep = f"'latest' still names {previous}" if previous is not None else "no earlier checkpoint exists"
+    return (f"checkpoint {ckpt} could not be written ({why}): it needs about {need:,} bytes and "
+            f"{free:,} bytes are free on {ckpt.parent}. The partial checkpoint was removed; {keep}. "
+            f"Free some space (or set out_dir on a larger disk) and run again to resume")
+
+
 # --- preemption ---------------------------------------------------------------------------
 
 class SaveSignals:
@@ -206,10 +246,15 @@ class SaveSignals:
 
 
 def write_status(run_dir: Path, status: str, step: int) -> None:
-    """RUN/status.json, replaced atomically: what the last attempt of the run did (see launch/slurm.sbatch)."""
+    """RUN/status.json, replaced atomically: what the last attempt of the run did (see launch/slurm.sbatch).
+    A disk too full for these few bytes leaves the previous status with a warning, not a traceback."""
     tmp = Path(run_dir) / f".{STATUS}.tmp"
-    _fsync_write(tmp, json.dumps({"status": status, "step": step}) + "\n")
-    os.replace(tmp, Path(run_dir) / STATUS)
+    try:
+        _fsync_write(tmp, json.dumps({"status": status, "step": step}) + "\n")
+        os.replace(tmp, Path(run_dir) / STATUS)
+    except OSError as e:
+        warnings.warn(f"{Path(run_dir) / STATUS}: could not record status '{status}': {e}", stacklevel=2)
+        tmp.unlink(missing_ok=True)
 
 
 def read_status(run_dir: Path) -> Dict[str, Any]:

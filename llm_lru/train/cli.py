@@ -58,6 +58,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     import torch.distributed as dist
 
     from llm_lru.parallel import init_mesh
+    from llm_lru.train.checkpoint import CheckpointWriteError
     from llm_lru.train.trainer import TooManyBadSteps, train
 
     mesh = init_mesh(cfg.parallel)  # starts or joins the process groups
@@ -67,6 +68,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except TooManyBadSteps as e:
         print(f"llm-lru train: stopped: {e}", file=sys.stderr)
         return 3
+    except CheckpointWriteError as e:
+        print(f"llm-lru train: stopped: {e}", file=sys.stderr)
+        return 1
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

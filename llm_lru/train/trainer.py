@@ -134,7 +134,12 @@ def evaluate(engine, val_loader, n_batches: int, mesh, device, chunk_tokens: int
 
 
 def save_checkpoint(engine, cfg: RunConfig, state: TrainState, loader, mesh) -> Path:
-    """Write checkpoints/step_N (see checkpoint.py for the layout), mark it complete, prune."""
+    """Write checkpoints/step_N (see checkpoint.py for the layout), mark it complete, prune.
+
+    A write that fails on any rank (a full disk, a quota) fails on every rank with one
+    CheckpointWriteError naming the checkpoint, the bytes it needs and the free space; the partial
+    checkpoint is removed (its space back, `latest` still on the previous one).
+    """
     root = Path(cfg.out_dir) / ckpt_lib.CKPT_DIR
     ckpt = root / ckpt_lib.checkpoint_name(state.step)
     rank = dist.get_rank()
@@ -145,25 +150,43 @@ def save_checkpoint(engine, cfg: RunConfig, state: TrainState, loader, mesh) -> 
             shutil.rmtree(ckpt)
         ckpt.mkdir(parents=True)
     dist.barrier()
-    engine.save_checkpoint(str(ckpt / ckpt_lib.DS_SUBDIR), tag=ckpt_lib.DS_TAG)
-    rf = ckpt_lib.rank_file(ckpt, rank)
-    rf.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"loader": loader.state_dict(), "rng": ckpt_lib.rng_state(), "state": dataclasses.asdict(state)}, rf)
-    if rank == 0:
-        save_config(cfg, ckpt / "config.yaml")
-        meta = {"step": state.step, "tokens": state.tokens, "world_size": dist.get_world_size(),
-                "dp": mesh.dp, "sp": cfg.parallel.sp, "zero_stage": cfg.deepspeed.zero_stage,
-                "precision": resolve_precision(cfg.train), "ds_dir": ckpt_lib.DS_SUBDIR, "ds_tag": ckpt_lib.DS_TAG,
-                "global_batch_size": cfg.train.global_batch_size,
-                "data_path": cfg.data.path,
-                "manifest": str(Path(cfg.data.path) / "manifest.json") if cfg.data.path else ""}
-        (ckpt / "meta.json").write_text(json.dumps(meta, indent=1))
+    error = None
+    try:
+        engine.save_checkpoint(str(ckpt / ckpt_lib.DS_SUBDIR), tag=ckpt_lib.DS_TAG)
+        rf = ckpt_lib.rank_file(ckpt, rank)
+        rf.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"loader": loader.state_dict(), "rng": ckpt_lib.rng_state(), "state": dataclasses.asdict(state)},
+                   rf)
+        if rank == 0:
+            save_config(cfg, ckpt / "config.yaml")
+            meta = {"step": state.step, "tokens": state.tokens, "world_size": dist.get_world_size(),
+                    "dp": mesh.dp, "sp": cfg.parallel.sp, "zero_stage": cfg.deepspeed.zero_stage,
+                    "precision": resolve_precision(cfg.train), "ds_dir": ckpt_lib.DS_SUBDIR,
+                    "ds_tag": ckpt_lib.DS_TAG, "global_batch_size": cfg.train.global_batch_size,
+                    "data_path": cfg.data.path,
+                    "manifest": str(Path(cfg.data.path) / "manifest.json") if cfg.data.path else ""}
+            (ckpt / "meta.json").write_text(json.dumps(meta, indent=1))
+    except (OSError, RuntimeError) as e:  # torch's writer reports ENOSPC as a RuntimeError
+        error = ckpt_lib.without_frames(e)
+    failed = _all_sum([float(error is not None)], engine.device)[0] if dist.get_world_size() > 1 \
+        else float(error is not None)
+    if failed:
+        problem = [None]
+        if rank == 0:  # one rank measures and cleans up, every rank raises the same message
+            problem[0] = ckpt_lib.discard_failed_save(ckpt, error, model_bytes=_state_bytes(engine))
+        dist.broadcast_object_list(problem, src=0)
+        raise ckpt_lib.CheckpointWriteError(problem[0]) from error
     dist.barrier()
     if rank == 0:
         ckpt_lib.mark_complete(ckpt, state.step)
         ckpt_lib.prune(root, cfg.checkpoint.keep)
     dist.barrier()
     return ckpt
+
+
+def _state_bytes(engine) -> int:
+    """Bytes of the fp32 weights and two Adam moments: a checkpoint's size when none is on disk yet."""
+    return sum(p.numel() for p in engine.module.parameters()) * 4 * 3
 
 
 def resume_path(cfg: RunConfig) -> Optional[Path]:

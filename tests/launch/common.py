@@ -44,8 +44,10 @@ def metrics(run_dir) -> list:
 def _train_ref(rank, world, overrides):
     from llm_lru.config import load_config
     from llm_lru.train import trainer
+    from llm_lru.train.cli import resolve_vocab
 
     cfg = load_config(REPO / "configs" / "tiny.yaml", overrides)
+    resolve_vocab(cfg)          # model.vocab_size=0: from the shards' tokenizer, as `llm-lru train` does
     trainer.train(cfg)
     return metrics(cfg.out_dir) if rank == 0 else None
 

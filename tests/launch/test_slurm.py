@@ -12,7 +12,7 @@ import time
 import pytest
 
 from tests.distributed import free_port
-from tests.launch.common import REPO, TINY_OVERRIDES, env, metrics, read_status, reference_metrics
+from tests.launch.common import REPO, env, metrics, read_status, reference_metrics, shard_overrides
 
 
 def _ensure_slurm():
@@ -73,7 +73,7 @@ def slurm_cluster(tmp_path):
 
 
 @pytest.mark.slow
-def test_sbatch_trains_on_local_slurm(slurm_cluster, tmp_path):
+def test_sbatch_trains_on_local_slurm(slurm_cluster, tmp_path, stdlib_shards):
     e, d = slurm_cluster
     run = tmp_path / "run"
     log = tmp_path / "job.out"
@@ -81,7 +81,8 @@ def test_sbatch_trains_on_local_slurm(slurm_cluster, tmp_path):
     job = subprocess.run(["sbatch", "--wait", "--parsable", "--nodes=1", "--ntasks-per-node=1", f"--chdir={REPO}",
                           f"--output={log}", "--export=ALL,NPROC_PER_NODE=2",
                           str(REPO / "launch" / "slurm.sbatch"), str(REPO / "configs" / "tiny.yaml"),
-                          *TINY_OVERRIDES, f"out_dir={run}", "train.max_steps=3", "deepspeed.zero_stage=2",
+                          *shard_overrides(stdlib_shards(32)), f"out_dir={run}", "train.max_steps=3",
+                          "deepspeed.zero_stage=2",
                           "parallel.sp=2"],
                          env=e, capture_output=True, text=True, timeout=600)
     out = log.read_text() if log.exists() else ""
@@ -101,13 +102,16 @@ def _job_field(e, job, key):
 
 
 @pytest.mark.slow
-def test_usr1_saves_requeues_and_finishes(slurm_cluster, tmp_path):
-    """`scancel --signal=USR1` (what --signal=USR1@120 sends before the time limit): the job saves at
-    its current step, requeues itself, resumes and finishes with the uninterrupted run's losses."""
+@pytest.mark.parametrize("scancel", [["--signal=USR1"], ["--full", "--signal=TERM"]], ids=["usr1", "term_full"])
+def test_signal_saves_requeues_and_finishes(slurm_cluster, tmp_path, stdlib_shards, scancel):
+    """`scancel --signal=USR1` (what --signal=USR1@120 sends before the time limit), and SIGTERM to
+    every process of the job, batch shell included (`scancel --full --signal=TERM`, as preemption
+    sends it): the job saves at its current step, requeues itself, resumes and finishes with the
+    uninterrupted run's losses. Real shards, one loader worker per rank: they get the signal too."""
     e, d = slurm_cluster
     run = tmp_path / "run"
     log = tmp_path / "job.out"
-    args = [*TINY_OVERRIDES, f"out_dir={run}", "train.max_steps=12", "deepspeed.zero_stage=1"]
+    args = [*shard_overrides(stdlib_shards(32)), f"out_dir={run}", "train.max_steps=12", "deepspeed.zero_stage=1"]
     job = subprocess.run(["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=1", f"--chdir={REPO}",
                           f"--output={log}", "--export=ALL,NPROC_PER_NODE=2",
                           str(REPO / "launch" / "slurm.sbatch"), str(REPO / "configs" / "tiny.yaml"), *args],
@@ -118,7 +122,7 @@ def test_usr1_saves_requeues_and_finishes(slurm_cluster, tmp_path):
     while not metrics(run) and time.time() < deadline:
         assert _job_field(e, job_id, "JobState") in ("PENDING", "RUNNING"), log.read_text()[-4000:]
         time.sleep(0.1)
-    subprocess.run(["scancel", "--signal=USR1", job_id], env=e, check=True, timeout=60)
+    subprocess.run(["scancel", *scancel, job_id], env=e, check=True, timeout=60)
     state = ""
     while time.time() < deadline:
         state = _job_field(e, job_id, "JobState")
@@ -133,6 +137,7 @@ def test_usr1_saves_requeues_and_finishes(slurm_cluster, tmp_path):
     assert read_status(run) == {"status": "finished", "step": 12}
     got = metrics(run)
     assert [m["step"] for m in got] == list(range(1, 13))
-    ref = reference_metrics(2, [*TINY_OVERRIDES, f"out_dir={tmp_path / 'ref'}", "train.max_steps=12",
+    assert "killed by signal" not in out, out[-4000:]
+    ref = reference_metrics(2, [*shard_overrides(stdlib_shards(32)), f"out_dir={tmp_path / 'ref'}", "train.max_steps=12",
                                 "deepspeed.zero_stage=1"])
     assert [m["loss"] for m in got] == [m["loss"] for m in ref]

@@ -1,5 +1,6 @@
-"""launch/torchrun.sh for real: elastic restart after kill -9 of a rank; SIGTERM to the agent;
-two agents as two nodes."""
+"""launch/torchrun.sh for real, on real shards from `llm-lru prep` read by a DataLoader worker per
+rank: elastic restart after kill -9 of a rank; SIGTERM to the agent, and to every process of the
+run at once (SLURM, a node shutdown); two agents as two nodes."""
 import json
 import re
 import signal
@@ -10,7 +11,7 @@ import psutil
 import pytest
 
 from tests.distributed import free_port
-from tests.launch.common import REPO, TINY_OVERRIDES, env, metrics, read_status, reference_metrics
+from tests.launch.common import REPO, env, metrics, read_status, reference_metrics, shard_overrides
 
 SCRIPT = str(REPO / "launch" / "torchrun.sh")
 TINY = str(REPO / "configs" / "tiny.yaml")
@@ -49,9 +50,9 @@ def _stop_between_checkpoints(agent, run, every: int, deadline: float):
 
 
 @pytest.mark.slow
-def test_kill_9_one_rank_restarts_and_resumes(tmp_path):
+def test_kill_9_one_rank_restarts_and_resumes(tmp_path, stdlib_shards):
     run = tmp_path / "run"
-    cmd = [SCRIPT, "--nproc-per-node", "2", "--max-restarts", "2", TINY, *TINY_OVERRIDES,
+    cmd = [SCRIPT, "--nproc-per-node", "2", "--max-restarts", "2", TINY, *shard_overrides(stdlib_shards(32)),
            f"out_dir={run}", "train.max_steps=24", "checkpoint.every=5", "deepspeed.zero_stage=2"]
     agent = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -82,10 +83,10 @@ def test_kill_9_one_rank_restarts_and_resumes(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_agents_as_two_nodes(tmp_path):
+def test_two_agents_as_two_nodes(tmp_path, stdlib_shards):
     """Two torchrun agents (one process each) meet at one c10d rendezvous on localhost."""
     port = free_port()
-    common = [TINY, *TINY_OVERRIDES, "train.max_steps=3", "deepspeed.zero_stage=2"]
+    common = [TINY, *shard_overrides(stdlib_shards(32)), "train.max_steps=3", "deepspeed.zero_stage=2"]
     agents = [subprocess.Popen([SCRIPT, "--nnodes", "2", "--node-rank", str(r), "--nproc-per-node", "1",
                                 "--rdzv", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes", *common,
                                 f"out_dir={tmp_path / 'two'}"],
@@ -103,11 +104,23 @@ def test_two_agents_as_two_nodes(tmp_path):
     assert [m["loss"] for m in two] == pytest.approx([m["loss"] for m in ref], rel=1e-6)
 
 
+def _signal_every_process(agent, sig):
+    """`sig` to the agent, its workers and their loader workers at once, as SLURM signals every
+    process of a job step and a node's shutdown every process of the machine."""
+    procs = [psutil.Process(agent.pid), *psutil.Process(agent.pid).children(recursive=True)]
+    loader_workers = [p for p in procs if p.ppid() in {w.pid for w in _workers(agent)}]
+    assert len(loader_workers) == 2, procs   # one per rank: the test must reach them too
+    for p in procs:
+        p.send_signal(sig)
+
+
 @pytest.mark.slow
-def test_sigterm_to_the_agent_saves_the_current_step_and_resumes(tmp_path):
-    """torchrun forwards SIGTERM to its workers and (with the script's grace) lets them save."""
+@pytest.mark.parametrize("target", ["agent", "every_process"])
+def test_sigterm_saves_the_current_step_and_resumes(tmp_path, stdlib_shards, target):
+    """torchrun forwards SIGTERM to its workers' process groups (loader workers included) and, with
+    the script's grace, lets them save; the same when every process gets it at once."""
     run = tmp_path / "run"
-    args = [*TINY_OVERRIDES, f"out_dir={run}", "train.max_steps=10", "deepspeed.zero_stage=1"]
+    args = [*shard_overrides(stdlib_shards(32)), f"out_dir={run}", "train.max_steps=10", "deepspeed.zero_stage=1"]
     agent = subprocess.Popen([SCRIPT, "--nproc-per-node", "2", TINY, *args], env=env(),
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -115,11 +128,15 @@ def test_sigterm_to_the_agent_saves_the_current_step_and_resumes(tmp_path):
         while not _logged_steps(run) and time.time() < deadline:
             assert agent.poll() is None, agent.stdout.read()
             time.sleep(0.05)
-        agent.send_signal(signal.SIGTERM)
+        if target == "agent":
+            agent.send_signal(signal.SIGTERM)
+        else:
+            _signal_every_process(agent, signal.SIGTERM)
         out, _ = agent.communicate(timeout=300)
     finally:
         if agent.poll() is None:
             agent.kill()
+    assert "killed by signal" not in out, out[-4000:]
     status = read_status(run)
     assert status["status"] == "preempted", out[-4000:]
     saved = status["step"]
@@ -131,8 +148,8 @@ def test_sigterm_to_the_agent_saves_the_current_step_and_resumes(tmp_path):
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert f"resumed from {run / 'checkpoints' / f'step_{saved:08d}'} at step {saved}" in again.stdout
     assert read_status(run) == {"status": "finished", "step": 10}
-    ref = reference_metrics(2, [*TINY_OVERRIDES, f"out_dir={tmp_path / 'ref'}", "train.max_steps=10",
-                                "deepspeed.zero_stage=1"])
+    ref = reference_metrics(2, [*shard_overrides(stdlib_shards(32)), f"out_dir={tmp_path / 'ref'}",
+                                "train.max_steps=10", "deepspeed.zero_stage=1"])
     got = metrics(run)
     assert [m["step"] for m in got] == list(range(1, 11))
     assert [m["loss"] for m in got] == [m["loss"] for m in ref]

@@ -23,7 +23,7 @@ def _cfg(out, prep, stage):
     import json
 
     vocab = json.loads((Path(prep) / "manifest.json").read_text())["tokenizer"]["vocab_size"]
-    return tiny_cfg(out, data={"source": "shards", "path": str(prep), "num_workers": 0, "shuffle_buffer": 8},
+    return tiny_cfg(out, data={"source": "shards", "path": str(prep), "num_workers": 1, "shuffle_buffer": 8},
                     model={"vocab_size": vocab}, deepspeed={"zero_stage": stage},
                     train={"max_steps": STEPS, "global_batch_size": 4, "micro_batch_size": 1})
 

@@ -9,9 +9,9 @@ from tests.train.worlds import scenarios, single_runs
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, stdlib_shards):
     root = tmp_path_factory.mktemp("train_world")
-    out = run_world(scenarios, 2, str(root), timeout=600)[0]
+    out = run_world(scenarios, 2, str(root), str(stdlib_shards(16)), timeout=600)[0]
     out.update(run_world(single_runs, 1, str(root), timeout=600)[0])
     return out
 

@@ -1,7 +1,8 @@
 """Module-level rank functions for the training tests (run_world needs picklable functions).
 
-The runs use the real tiny HybridLM (a BD-LRU block and an attention block) and the data
-loader's random source, on real gloo processes.
+The runs use the real tiny HybridLM (a BD-LRU block and an attention block) on real gloo
+processes; model-level checks read the loader's random source, the paths around the model
+(signals, restarts, resume, resize) real shards with loader workers (shard_cfg).
 """
 from __future__ import annotations
 
@@ -22,6 +23,17 @@ def tiny_cfg(out, **over):
             "logging": {"tensorboard": False, "progress": "lines"}}
     merged = OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(base), OmegaConf.create(over)))
     return from_dict(merged)
+
+
+def shard_cfg(out, shards, workers: int = 1, **over):
+    """tiny_cfg on real shards (the stdlib_shards fixture at seq_len 16) read by `workers` loader
+    worker processes; `over` is merged on top as in tiny_cfg."""
+    from omegaconf import OmegaConf
+
+    vocab = json.loads((Path(shards) / "manifest.json").read_text())["tokenizer"]["vocab_size"]
+    base = {"data": {"source": "shards", "path": str(shards), "num_workers": workers, "shuffle_buffer": 64},
+            "model": {"vocab_size": vocab}}
+    return tiny_cfg(out, **OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(base), OmegaConf.create(over))))
 
 
 def metrics(out):
@@ -111,8 +123,9 @@ def _state_dict(ckpt):
     return {k: v.detach().numpy().copy() for k, v in get_fp32_state_dict_from_zero_checkpoint(str(Path(ckpt) / "ds")).items()}
 
 
-def scenarios(rank, world, root):
+def scenarios(rank, world, root, shards):
     """Everything the default 2-process tests check, in one world (process start-up is the cost).
+    The crash-and-resume runs read `shards` (real shards, a loader worker per rank).
 
     Returns (rank 0) a dict of metrics / facts per scenario.
     """
@@ -123,8 +136,8 @@ def scenarios(rank, world, root):
     root = Path(root)
     out = {}
 
-    def run(name, **over):
-        cfg = tiny_cfg(root / name, **over)
+    def run(name, data_path=None, **over):
+        cfg = shard_cfg(root / name, data_path, **over) if data_path else tiny_cfg(root / name, **over)
         try:
             summary = trainer.train(cfg)
         except (trainer.TooManyBadSteps, Crash) as e:
@@ -163,9 +176,9 @@ def scenarios(rank, world, root):
 
     # Resume: crash during step 5, a partial step-4 checkpoint left behind, resume=auto.
     resume_cfg = dict(train={"max_steps": 6}, checkpoint={"every": 3, "keep": 2}, deepspeed={"zero_stage": 2})
-    run("uninterrupted", **resume_cfg)
+    run("uninterrupted", shards, **resume_cfg)
     undo = crashing_loader(after_batches=4 * gas)
-    run("resumed", **resume_cfg)
+    run("resumed", shards, **resume_cfg)
     undo()
     if rank == 0:
         import shutil
@@ -178,7 +191,7 @@ def scenarios(rank, world, root):
     dist.barrier()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        run("resumed", **resume_cfg)
+        run("resumed", shards, **resume_cfg)
     out["resume_warnings"] = [str(w.message) for w in caught if "skipping checkpoint" in str(w.message)]
     return out
 
