@@ -9,14 +9,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
 
-# configs/tiny.yaml shrunk to seconds per step on random tokens (for launcher mechanics that read no
-# data: environment, rendezvous); every launch, signal and restart test uses shard_overrides().
-TINY_OVERRIDES = [
-    "model.vocab_size=64", "model.d_model=32", "model.n_layers=2", "model.pattern=BA", "model.n_heads=2",
-    "data.source=random", "data.path=''", "train.seq_len=32", "train.global_batch_size=4",
-    "train.warmup_steps=2", "train.val_every=0", "logging.tensorboard=false", "logging.progress=lines",
-]
-
 
 def shard_overrides(shards, seq_len: int = 32, workers: int = 1) -> list:
     """configs/tiny.yaml shrunk to seconds per step, on real shards from `llm-lru prep` (the

@@ -117,9 +117,9 @@ def test_small_validation_split_is_read_whole_once(tmp_path):
             "train.global_batch_size = 16") in got["printed"]
 
 
-def test_resume_with_another_model_is_refused_naming_the_key(tmp_path):
+def test_resume_with_another_model_is_refused_naming_the_key(tmp_path, stdlib_shards):
     from tests.train.worlds import changed_model_resume
 
-    got = run_world(changed_model_resume, 1, str(tmp_path), timeout=300)[0]
+    got = run_world(changed_model_resume, 1, str(tmp_path), str(stdlib_shards(16)), timeout=300)[0]
     assert got["error"] and "model.d_model: 32 in" in got["error"] and "48 in this run" in got["error"]
     assert got["config_kept"]

@@ -229,18 +229,18 @@ def no_val_run(rank, world, root, val_fraction=0.0):
     return {"metrics": metrics(root / "run"), "printed": printed.getvalue()}
 
 
-def changed_model_resume(rank, world, root):
+def changed_model_resume(rank, world, root, shards):
     """Train 2 steps, then resume the run with another d_model: the error (before DeepSpeed loads
     anything) and the run's config.yaml before and after."""
     from llm_lru.config import ConfigError
     from llm_lru.train import trainer
 
     root = Path(root)
-    trainer.train(tiny_cfg(root / "run", train={"max_steps": 2}))  # saves at the end
+    trainer.train(shard_cfg(root / "run", shards, train={"max_steps": 2}))  # saves at the end
     before = (root / "run" / "config.yaml").read_text()
     try:
-        trainer.train(tiny_cfg(root / "run", model={"d_model": 48}, train={"max_steps": 4},
-                               checkpoint={"resume": "auto"}))
+        trainer.train(shard_cfg(root / "run", shards, model={"d_model": 48}, train={"max_steps": 4},
+                                checkpoint={"resume": "auto"}))
         error = None
     except ConfigError as e:
         error = str(e)
