@@ -18,8 +18,9 @@ TINY = str(REPO / "configs" / "tiny.yaml")
 
 
 def _workers(agent: subprocess.Popen):
-    """The training processes under a torchrun agent (the bash script execs into torchrun)."""
-    return [p for p in psutil.Process(agent.pid).children(recursive=True) if "llm_lru.cli" in " ".join(p.cmdline())]
+    """The training processes under a torchrun agent (the bash script execs into torchrun): its
+    children, not their DataLoader workers (forked, with the same command line)."""
+    return [p for p in psutil.Process(agent.pid).children() if "llm_lru.cli" in " ".join(p.cmdline())]
 
 
 def _logged_steps(run) -> list:
