@@ -78,6 +78,27 @@ class Mesh:
         t_local = self.check_length(x.shape[dim], f"tensor of shape {tuple(x.shape)} (dim {dim})")
         return x.narrow(dim, self.sp_rank * t_local, t_local)
 
+    # --- the few collectives the trainer needs, over the whole world (no-ops in a world of one) ---
+    def all_sum(self, values: List[float], device: Any = None) -> List[float]:
+        """Element-wise sum of `values` over every rank (float64)."""
+        if not self.is_distributed:
+            return [float(v) for v in values]
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(t, group=self.world_group)
+        return t.tolist()
+
+    def barrier(self) -> None:
+        if self.is_distributed:
+            dist.barrier(group=self.world_group)
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        """Rank `src`'s `obj` on every rank (picklable objects)."""
+        if not self.is_distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=src, group=self.world_group)
+        return box[0]
+
     def __repr__(self) -> str:
         return (f"Mesh(world={self.world_size}, dp={self.dp}, sp={self.sp}, rank={self.rank}, "
                 f"dp_rank={self.dp_rank}, sp_rank={self.sp_rank}, backend={self.backend})")

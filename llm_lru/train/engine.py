@@ -44,13 +44,12 @@ def resolve_precision(cfg: TrainConfig) -> str:
     return "bf16" if torch.cuda.is_available() else "fp32"
 
 
-def batch_geometry(cfg: RunConfig, world_size: int) -> Tuple[int, int, int]:
-    """(dp, micro_batch, grad_accum) with global_batch_size = micro * grad_accum * dp."""
-    sp = cfg.parallel.sp
-    dp = world_size // sp
+def batch_geometry(cfg: RunConfig, dp: int) -> Tuple[int, int]:
+    """(micro_batch, grad_accum) of a DP size (config.check_world's), with
+    global_batch_size = micro * grad_accum * dp."""
     per_rank = cfg.train.global_batch_size // dp
     micro = cfg.train.micro_batch_size or per_rank
-    return dp, micro, per_rank // micro
+    return micro, per_rank // micro
 
 
 def _deep_merge(base: Dict[str, Any], extra: Dict[str, Any]) -> Dict[str, Any]:
@@ -67,7 +66,7 @@ def ds_config(cfg: RunConfig, world_size: int) -> Dict[str, Any]:
     world and ZeRO shards over all ranks. Its `train_batch_size` therefore counts each sequence
     once per SP rank; the loss scaling in the trainer makes the average the global token mean.
     """
-    _, micro, gas = batch_geometry(cfg, world_size)
+    micro, gas = batch_geometry(cfg, world_size // cfg.parallel.sp)
     ds = cfg.deepspeed
     zero: Dict[str, Any] = {"stage": ds.zero_stage}
     if ds.offload_optimizer:
