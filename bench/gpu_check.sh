@@ -12,7 +12,7 @@
 # 2-core CPU machine) over the variants the step launches: `python bench/gpu_check_budget.py`.
 # Other compile (torch.compile of flex_attention, fla's kernels) has no measurement on sm_90 yet:
 # estimates, marked ~.
-#   env      15 = 5 torch import + 10 nvidia-smi, pip list
+#   env      15 = 5 torch import + 2 sha256 of libtriton.so + 8 nvidia-smi, pip list
 #   install  50 = 15 pip --no-index --no-deps --target WORK/site of ~12 wheels + 5 llm_lru build
 #                 + 5 pip check + ~25 import check (deepspeed, fla); the image's torch, triton and
 #                 transformers stay as they are
@@ -164,17 +164,24 @@ export ROOT PY WHEELS WORK SITE BOOT WORKERS SMOKE REHEARSE
 step_env() {
     echo "# date (UTC)"; date -u +%Y-%m-%dT%H:%M:%SZ
     echo "# host"; uname -a; echo "cpus: $(nproc)"
-    echo "# python"; env -u PYTHONPATH "$PY" -c 'import sys; print(sys.executable); print(sys.version)'
+    # one interpreter for Python, torch and triton: each start costs seconds on a busy machine
+    env -u PYTHONPATH "$PY" - <<'EOF'
+import hashlib, os, sys
+print("# python", sys.executable, sys.version, sep="\n")
+import torch
+print("# torch\ntorch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(p.name, f"sm_{p.major}{p.minor}", p.multi_processor_count, "SMs", round(p.total_memory / 2**30, 1), "GiB")
+# bench/results/gpu_check.md: a Triton cache made elsewhere is found only with this libtriton.so
+import triton
+print("# triton\ntriton", triton.__version__, triton.__file__, "TRITON_PTXAS_PATH", os.environ.get("TRITON_PTXAS_PATH"))
+with open(os.path.join(os.path.dirname(triton.__file__), "_C", "libtriton.so"), "rb") as f:
+    print("libtriton.so sha256", hashlib.file_digest(f, "sha256").hexdigest())
+EOF
     echo "# the image's packages (pip list, filtered)"
     env -u PYTHONPATH "$PY" -m pip list --disable-pip-version-check 2>/dev/null | grep -iE \
         '^(torch|triton|transformers|tokenizers|safetensors|numpy|pytest|pytest-xdist|einops|ninja|msgpack|psutil|py-cpuinfo|pyyaml|typing.extensions|setuptools|pip|tensorboard|pyarrow|tqdm|packaging|pydantic|deepspeed|flash-linear-attention|fla-core|webdataset|omegaconf) ' || true
-    echo "# torch"
-    env -u PYTHONPATH "$PY" -c '
-import torch
-print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
-if torch.cuda.is_available():
-    p = torch.cuda.get_device_properties(0)
-    print(p.name, f"sm_{p.major}{p.minor}", p.multi_processor_count, "SMs", round(p.total_memory / 2**30, 1), "GiB")'
     echo "# nvidia-smi"
     if [ "$REHEARSE" = 1 ] && ! command -v nvidia-smi >/dev/null; then echo "(none here: a rehearsal)"; return 0; fi
     nvidia-smi && nvidia-smi --format=csv \
@@ -244,7 +251,7 @@ with open(sys.argv[2], "w") as f:  # a file: deepspeed logs to stdout
 print("import check:", "ok" if not bad else "failed: " + ", ".join(bad), file=sys.stderr)
 sys.exit(1 if bad else 0)
 EOF
-    cat "$WORK/imports.json"
+    cat "$WORK/imports.json"; echo
 }
 
 # pytest over the test files that use MARKER; one JSON line per outcome in WORK/NAME.jsonl (a rerun:

