@@ -331,3 +331,47 @@ def test_a_step_killed_by_its_timeout_keeps_its_rows_and_its_rerun_resumes(tmp_p
     assert "--resume: 3 rows kept" in (work / "scan.rerun.log").read_text()
     md = (out / "summary.md").read_text()
     assert "| scan | 1 | timeout |" in md and "killed at 30 s" in md
+
+
+FLAKY_GPU_TESTS = '''
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_passes(dtype):
+    pass
+
+
+@pytest.mark.gpu
+def test_fails_the_first_time():
+    seen = Path(os.environ["FLAKY_MARK"])
+    first = not seen.exists()
+    seen.touch()
+    assert not first
+'''
+
+
+def test_pytest_rerun_runs_only_the_tests_that_did_not_pass(tmp_path):
+    """A copy of the script in a tree whose one GPU test fails once: the rerun deselects the two
+    that passed, runs the third, and the summary counts all three as passed."""
+    repo = tmp_path / "repo"
+    (repo / "bench").mkdir(parents=True)
+    (repo / "tests").mkdir()
+    shutil.copy(SCRIPT, repo / "bench" / "gpu_check.sh")
+    (repo / "tests" / "test_flaky.py").write_text(FLAKY_GPU_TESTS)
+    out, work = tmp_path / "out", tmp_path / "work"
+    r = subprocess.run(["bash", str(repo / "bench" / "gpu_check.sh"), "--only", "pytest", "--workers", "1",
+                        "--python", sys.executable, "--work", str(work), "--out", str(out)], cwd=repo,
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "FLAKY_MARK": str(tmp_path / "seen")})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert summary_steps(out) == [("pytest", 1, "failed"), ("pytest", 2, "ok")]
+    rerun = [json.loads(line)["test"] for line in (work / "pytest_results.rerun.jsonl").read_text().splitlines()]
+    assert rerun == ["tests/test_flaky.py::test_fails_the_first_time"]
+    summary = json.loads((out / "summary.json").read_text())["pytest"]
+    assert summary["tests"] == 3 and summary["failed"] == []
+    assert summary["by_dtype"] == {"fp32": {"passed": 1}, "bf16": {"passed": 1}, "other": {"passed": 1}}
