@@ -375,3 +375,25 @@ def test_pytest_rerun_runs_only_the_tests_that_did_not_pass(tmp_path):
     summary = json.loads((out / "summary.json").read_text())["pytest"]
     assert summary["tests"] == 3 and summary["failed"] == []
     assert summary["by_dtype"] == {"fp32": {"passed": 1}, "bf16": {"passed": 1}, "other": {"passed": 1}}
+
+
+def test_train_step_loss_routes_time_the_trainers_route_and_match_the_reference():
+    """On CPU the chunked route is the trainer's; its loss over several chunks is the full-logits
+    reference's on the same batch (rebuilt here from the same seed), and fla is named, not run."""
+    import argparse
+    from llm_lru.models.loss import linear_cross_entropy_reference
+    mod = train_step_module()
+    mcfg = mod.load_run(str(ROOT / "configs" / "hybrid-125m.yaml"), smoke=True).model
+    mcfg = mod.dataclasses.replace(mcfg, vocab_size=300)
+    args = argparse.Namespace(dtype="fp32", micro_batch=2, seq_len=50, warmup=1, steps=2, smoke=True)
+    got = mod.loss_routes(mcfg, args, torch.device("cpu"), chunk_tokens=32)
+    assert got["trainer_route"] == "chunked" and got["routes"]["fla"]["status"].startswith("not run")
+    g = torch.Generator().manual_seed(0)
+    M, D, V = 100, mcfg.d_model, 300
+    hidden = torch.randn(M, D, generator=g)
+    weight = torch.randn(V, D, generator=g) * D ** -0.5
+    labels = torch.randint(0, V, (M,), generator=g)
+    labels[::97] = -100
+    ref = linear_cross_entropy_reference(hidden.double(), weight.double(), labels, reduction="sum")
+    assert got["routes"]["chunked"]["loss"] == pytest.approx(float(ref), rel=1e-5)
+    assert got["routes"]["chunked"]["time_s"] > 0 and got["tokens"] == M
