@@ -4,7 +4,7 @@ lent GPU; the ratio printed is hybrid tokens/s over attention-only tokens/s.
 
     python bench/gpu_train_step.py [--config configs/hybrid-125m.yaml] [--dtype bf16|fp32]
         [--micro-batch B] [--seq-len T] [--vocab V] [--doc-len L] [--warmup 3] [--steps 10]
-        [--out bench/results/gpu_train_step.json] [--smoke]
+        [--out bench/results/gpu_train_step.json] [--smoke] [--resume]
 
 A plain torch loop on one device, no DeepSpeed world: forward, loss, backward, gradient clipping,
 AdamW step, on random tokens packed into documents (mean length --doc-len). Precision as under
@@ -17,6 +17,16 @@ Per model: the median step time over --steps timed steps after --warmup (the fir
 Triton kernels), tokens/s, training FLOPs per token from llm_lru.train.monitor.flops_per_token
 (6 N + attention), MFU against the datasheet bf16 peak (monitor.PEAK_BF16) and against a bf16
 matmul measured in the same run, and the CUDA allocator's peak memory over the model's steps.
+
+The loss routes: the head's fused linear cross-entropy, fwd + bwd, on the same hidden states,
+weight and labels (B x T tokens, the model's D and V, the model dtype), through each route there
+is here: "chunked" (llm_lru's ChunkedLinearCrossEntropy: bf16 matmuls, fp32 logits one chunk at a
+time) and "fla" (fla's FusedLinearCrossEntropyLoss, CUDA with fla installed). Median time, peak
+memory and loss of each, and "trainer_route": the one llm_lru.models.loss.loss_route picks for
+training on this device, which every model row names too (loss_route).
+
+The JSON is rewritten after the loss routes and after each model, so a run killed at its time
+budget keeps what it measured; --resume keeps an earlier run's measured models and routes.
 
 Without CUDA nothing is measured or written (so `make bench` never overwrites GPU numbers), except
 with --smoke: a tiny model of the config's pattern on whatever device is here, which checks the
@@ -138,6 +148,8 @@ def measure(name: str, mcfg: ModelConfig, run: RunConfig, args, device: torch.de
                             eps=run.train.eps, weight_decay=run.train.weight_decay,
                             **({"fused": True} if device.type == "cuda" else {"foreach": True}))
     loss_fn, row["loss_path"] = loss_function(model)
+    from llm_lru.models.loss import loss_route
+    row["loss_route"] = loss_route(device, True)  # the head's route under model.loss in training
     ids, labels, doc_start = make_batch(B, T, mcfg.vocab_size, args.doc_len, device, run.train.seed)
 
     def step():
@@ -173,6 +185,58 @@ def measure(name: str, mcfg: ModelConfig, run: RunConfig, args, device: torch.de
     return row
 
 
+def loss_routes(mcfg: ModelConfig, args, device: torch.device, chunk_tokens: int) -> Dict:
+    """Both loss routes, fwd + bwd, on the same batch: {routes: {name: row}, trainer_route}."""
+    from llm_lru.models.loss import ChunkedLinearCrossEntropy, fla_loss_class, loss_route
+    dtype = DT[args.dtype]
+    M, D, V = args.micro_batch * args.seq_len, mcfg.d_model, mcfg.vocab_size
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(M, D, generator=g).to(device, dtype).requires_grad_()
+    weight = (torch.randn(V, D, generator=g) * D ** -0.5).to(device, dtype).requires_grad_()
+    labels = torch.randint(0, V, (M,), generator=g).to(device)
+    labels[::97] = -100  # a few ignored positions, as padding gives
+    fla = fla_loss_class() if device.type == "cuda" else None
+    runs: Dict[str, Callable] = {
+        "chunked": lambda: ChunkedLinearCrossEntropy.apply(hidden, weight, labels, chunk_tokens, -100)}
+    if fla is not None:
+        fused = fla(ignore_index=-100, reduction="sum", num_chunks=max(1, -(-M // chunk_tokens)))
+        runs["fla"] = lambda: fused(hidden, labels, weight)
+    out: Dict = dict(tokens=M, d_model=D, vocab_size=V, dtype=args.dtype, chunk_tokens=chunk_tokens,
+                     trainer_route=loss_route(device, True), routes={})
+    for name, fn in runs.items():
+        def step(fn=fn):
+            hidden.grad = weight.grad = None
+            loss = fn()
+            loss.backward()
+            return loss.detach()
+        try:
+            for _ in range(max(args.warmup, 1)):  # the first compiles fla's kernels
+                step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+                base = torch.cuda.memory_allocated(device)
+            times, loss = [], None
+            for _ in range(args.steps):
+                t, loss = timed(step, device)
+                times.append(t)
+            out["routes"][name] = dict(
+                status="measured" if not args.smoke else "smoke: ran, not a timing", time_s=statistics.median(times),
+                loss=float(loss), grad_norm_hidden=float(hidden.grad.float().norm()),
+                peak_memory_gib=((torch.cuda.max_memory_allocated(device) - base) / 2**30 if device.type == "cuda"
+                                 else None))
+        except Exception as e:  # noqa: BLE001 - a failing route is a result
+            out["routes"][name] = dict(status=f"failed: {type(e).__name__}: {e}"[:500])
+    if fla is None:
+        out["routes"]["fla"] = dict(status="not run: " + ("fla is not installed" if device.type == "cuda"
+                                                          else "fla's kernels need CUDA"))
+    r = out["routes"]
+    if "time_s" in r.get("fla", {}) and "time_s" in r["chunked"]:
+        out["fla_over_chunked_time"] = r["fla"]["time_s"] / r["chunked"]["time_s"]
+        out["loss_difference"] = abs(r["fla"]["loss"] - r["chunked"]["loss"])
+    return out
+
+
 def write_markdown(path: Path, result: Dict) -> None:
     meta = result["meta"]
     lines = ["# One training step (bench/gpu_train_step.py)", "",
@@ -191,6 +255,17 @@ def write_markdown(path: Path, result: Dict) -> None:
                      f"{pct(r['mfu_vs_measured_matmul'])} | {r['peak_memory_gib']:.2f} | "
                      f"{r['loss_first']:.3f} -> {r['loss_last']:.3f} | {r['status']} |")
     lines += [""] + [f"{x['ratio']}: {x['value']:.2f}" for x in result["ratios"]] + [""]
+    routes = result.get("loss_routes")
+    if routes:
+        lines += [f"Loss routes (fwd + bwd of the head's cross-entropy, {routes['tokens']} tokens, D {routes['d_model']}, "
+                  f"V {routes['vocab_size']}, {routes['dtype']}, chunks of {routes['chunk_tokens']}); the trainer uses "
+                  f"**{routes['trainer_route']}** here:", "", "| route | ms | peak mem (GiB) | loss | status |",
+                  "|---|---|---|---|---|"]
+        for name, r in routes["routes"].items():
+            mem = r.get("peak_memory_gib")
+            lines.append(f"| {name} | {r['time_s'] * 1e3:.2f} | {'' if mem is None else f'{mem:.2f}'} | "
+                         f"{r['loss']:.4f} | {r['status']} |" if "time_s" in r else f"| {name} | | | | {r['status']} |")
+        lines.append("")
     peak = meta.get("peak_flops_datasheet")
     mm = meta.get("matmul_flops_measured")
     lines.append(f"Peaks: datasheet bf16 {peak / 1e12:.0f} TFLOP/s" if peak else "Peaks: no datasheet peak for this device")
@@ -212,6 +287,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                     "checks the loop and the report (not a timing)")
     ap.add_argument("--out", default=str(HERE / "results" / "gpu_train_step.json"),
                     help="JSON results (and a .md beside it)")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the loss routes and measured models of an existing --out, measure the rest")
     args = ap.parse_args(argv)
     run = load_run(args.config, args.smoke)
     defaults = SMOKE if args.smoke else dict(
@@ -249,13 +326,36 @@ def main(argv: Optional[List[str]] = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     models: List[Dict] = []
     ratios: List[Dict] = []
+    routes: Dict = {}
+    if args.resume and out.is_file():
+        try:
+            old = json.loads(out.read_text())
+        except ValueError:
+            old = {}
+        models = [r for r in old.get("models", []) if "tokens_per_s" in r]
+        routes = old.get("loss_routes") or {}
+        print(f"--resume: kept {[r['name'] for r in models]} and {'the' if routes else 'no'} loss routes from {out}")
 
-    def save() -> None:  # after each model: a run killed at its time budget keeps what it measured
-        result = dict(meta=meta, models=models, ratios=ratios)
-        out.write_text(json.dumps(result, indent=1))
+    def save() -> None:  # after each part: a run killed at its time budget keeps what it measured
+        result = dict(meta=meta, loss_routes=routes, models=models, ratios=ratios)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=1))
+        tmp.replace(out)
         write_markdown(out.with_suffix(".md"), result)
 
+    chunk_tokens = run.train.loss_chunk_tokens if isinstance(run.train.loss_chunk_tokens, int) else 4096
+    if not routes:
+        routes.update(loss_routes(hybrid, args, device, chunk_tokens))
+        if has_cuda:
+            torch.cuda.empty_cache()
+        for name, r in routes["routes"].items():
+            print(f"loss route {name:8s} " + (f"{r['time_s'] * 1e3:9.2f} ms  loss {r['loss']:.4f}" if "time_s" in r
+                                              else r["status"]), flush=True)
+        print(f"the trainer's loss route here: {routes['trainer_route']}", flush=True)
+        save()
     for name, mcfg in (("hybrid", hybrid), ("attention", attention_only(hybrid))):
+        if any(r["name"] == name for r in models):
+            continue
         try:
             row = measure(name, mcfg, run, args, device, peak, measured_peak)
         except Exception as e:  # noqa: BLE001 - one model failing must not hide the other's numbers
@@ -268,10 +368,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"{name:9s} {row['pattern']:6s} {row['n_params'] / 1e6:7.1f}M params  step {row['step_time_s'] * 1e3:9.1f} ms  "
                   f"{row['tokens_per_s']:12,.0f} tok/s  MFU {mfu:>6s}  "
                   f"peak {row['peak_memory_gib']:6.2f} GiB  loss {row['loss_first']:.3f} -> {row['loss_last']:.3f}  "
-                  f"[{row['loss_path']}]", flush=True)
+                  f"[{row['loss_path']}, {row['loss_route']}]", flush=True)
         else:
             print(f"{name:9s} {row['status']}", flush=True)
         save()
+    models.sort(key=lambda r: ["hybrid", "attention"].index(r["name"]))
     tps = {r["name"]: r.get("tokens_per_s") for r in models}
     if tps.get("hybrid") and tps.get("attention"):
         ratios.append(dict(ratio="hybrid / attention tokens_per_s", value=tps["hybrid"] / tps["attention"]))

@@ -1,7 +1,7 @@
 """Scan benchmark: the Triton kernels (llm_lru.kernels.triton) against the memory floor and named
 baselines, forward and forward+backward. Writes bench/results/scan.json and scan.md.
 
-    .venv/bin/python bench/scan.py [--quick] [--dtype bf16|fp32]
+    .venv/bin/python bench/scan.py [--quick] [--dtype bf16|fp32] [--out JSON] [--resume] [--smoke]
 
 On CUDA, for m in {1, 2, 4, 8}, T in {2K, 8K, 32K}, B x N in {1K, 8K}: median time (CUDA events,
 after warm-up) of
@@ -12,6 +12,12 @@ after warm-up) of
 with the bytes of the byte model (each input read once, each output written once), achieved
 GB/s and the fraction of the measured device-to-device copy bandwidth (2 x bytes / copy time).
 Targets (issue 6): forward >= 0.85 of copy bandwidth for m <= 4, forward+backward >= 0.65.
+
+scan.json (and scan.md) are rewritten after every row, so a run killed at its time budget keeps the
+rows it measured; --resume keeps the measured rows of an existing --out and measures the rest.
+--quick runs every Triton row at one chunk length (QUICK_CHUNK): the automatic choice differs with
+B x N (256 at 1K rows, 410 at 8K on an H100) and each length is a Triton specialisation of its own,
+so the quick rows would compile every kernel twice.
 
 Without CUDA, every GPU row is written with status "unmeasured" (its byte model only, nothing
 estimated), and the CPU rows time the PyTorch chunked path and the associative baseline at small
@@ -40,6 +46,10 @@ MS = [1, 2, 4, 8]
 TS = [2048, 8192, 32768]
 BNS = [1024, 8192]
 DT = {"bf16": torch.bfloat16, "fp32": torch.float32}
+QUICK_CHUNK = 256  # steps per chunk for every --quick Triton row: 8 chunks of T = 2K, one compile
+# --smoke: every kind and implementation at m = 1 (diag, bdlru) and 2 (bdlru, hlru, block), T = 12
+# in 3 chunks (so the carry and fold passes run too), one call per row: the interpreter is slow
+SMOKE_MS, SMOKE_T, SMOKE_CHUNK = [1, 2], 12, 4
 
 
 # ---- timing -------------------------------------------------------------------------------------
@@ -122,14 +132,16 @@ def torch_assoc_block_scan(A: torch.Tensor, u: torch.Tensor):
     return u, u[:, -1]
 
 
-def runners(kind: str, device: torch.device, smoke: bool = False) -> Dict[str, Callable]:
+def runners(kind: str, device: torch.device, smoke: bool = False, chunk: Optional[int] = None) -> Dict[str, Callable]:
     """name -> scan(*inputs) -> (out, last) for this kind, on this device (smoke: the Triton
-    kernels under the interpreter on CPU, to exercise the GPU code path)."""
+    kernels under the interpreter on CPU, to exercise the GPU code path; chunk: the Triton
+    kernels' chunk length, None for their automatic choice)."""
     out: Dict[str, Callable] = {}
     if device.type == "cuda" or smoke:
         from llm_lru.kernels import triton as kt
-        out["triton"] = {"diag": kt.diag_scan_triton, "block": kt.block_scan_triton,
-                         "bdlru": kt.bdlru_scan_triton, "hlru": kt.hlru_scan_triton}[kind]
+        fn = {"diag": kt.diag_scan_triton, "block": kt.block_scan_triton,
+              "bdlru": kt.bdlru_scan_triton, "hlru": kt.hlru_scan_triton}[kind]
+        out["triton"] = fn if chunk is None else (lambda *x, fn=fn: fn(*x, chunk=chunk))
         if kind == "diag" and not smoke:  # fla's kernels need interpreter patches on CPU
             from fla.ops.hgrn import fused_recurrent_hgrn  # ~12 s import: only here
             # fla takes log-gates: the log is taken once, outside the timed call
@@ -192,24 +204,37 @@ def kinds_for(m: int) -> List[str]:
     return ["diag", "bdlru"] if m == 1 else ["bdlru", "hlru", "block"]
 
 
-def gpu_rows(dtype, quick: bool, smoke: bool = False) -> List[dict]:
-    """Every GPU row, measured. smoke (no CUDA): the same code path on CPU with the Triton
-    interpreter at tiny sizes, rows labelled as a smoke run, no bandwidth reported."""
+def row_key(r: dict) -> tuple:
+    return (r["kind"], r["impl"], r["mode"], r["m"], r["T"], r["BN"])
+
+
+def gpu_rows(dtype, quick: bool, smoke: bool = False, sink: Optional[Callable[[dict], None]] = None,
+             done: frozenset = frozenset()) -> List[dict]:
+    """Every GPU row, measured; each handed to sink as it is made, and rows whose key is in done
+    (a resumed run's measured rows) left out. smoke (no CUDA): the same code path on CPU with the
+    Triton interpreter at tiny sizes, rows labelled as a smoke run, no bandwidth reported."""
     device = torch.device("cpu" if smoke else "cuda")
+    chunk = SMOKE_CHUNK if smoke else QUICK_CHUNK if quick else None
+    rows: List[dict] = []
+
+    def add(row: dict) -> None:
+        rows.append(row)
+        if sink is not None:
+            sink(row)
+
     copy_bw = copy_bandwidth(device, 1 << (24 if smoke else 30))
     print(f"device-to-device copy bandwidth: {copy_bw / 1e9:.1f} GB/s")
     free = (8 << 30) if smoke else torch.cuda.mem_get_info(device)[0]
     dev_name = "cpu (Triton interpreter smoke run)" if smoke else torch.cuda.get_device_name(device)
     in_bytes = torch.finfo(dtype).bits // 8
-    rows = []
-    for m in MS:
-        for T in ([33] if smoke else TS[:1] if quick else TS):
+    for m in (SMOKE_MS if smoke else MS):
+        for T in ([SMOKE_T] if smoke else TS[:1] if quick else TS):
             for BN in ([8] if smoke else BNS):
                 N = min(BN, 4 if smoke else 64 * m)
                 B = BN // N
                 for kind in kinds_for(m):
                     inputs = None
-                    for name, scan in runners(kind, device, smoke).items():
+                    for name, scan in runners(kind, device, smoke, chunk).items():
                         for mode in ("fwd", "fwd+bwd"):
                             row = dict(device=dev_name, kind=kind, impl=name, mode=mode,
                                        m=m, T=T, BN=BN, B=B, N=N, dtype=str(dtype).replace("torch.", ""),
@@ -218,27 +243,31 @@ def gpu_rows(dtype, quick: bool, smoke: bool = False) -> List[dict]:
                                        copy_GBps=copy_bw / 1e9)
                             if name == "fla_hgrn":
                                 row["note"] = "fla writes its output in the input dtype"
+                            if name == "triton":
+                                row["chunk"] = chunk or "auto"
+                            if row_key(row) in done:
+                                continue
                             if memory_needed(kind, name, m, BN, T, in_bytes, mode) > 0.8 * free:
                                 row["status"] = "skipped: does not fit in GPU memory"
-                                rows.append(row)
+                                add(row)
                                 continue
                             if inputs is None:
                                 inputs = make_inputs(kind, m, B, T, N, dtype, device)
                             try:
                                 t = median_time(step(scan, own_inputs(name, inputs), mode), device,
-                                                1 if smoke else 3, 1 if smoke else 10 if quick else 20)
+                                                0 if smoke else 3, 1 if smoke else 10 if quick else 20)
                             except torch.cuda.OutOfMemoryError:
                                 torch.cuda.empty_cache()
                                 row["status"] = "skipped: out of GPU memory"
-                                rows.append(row)
+                                add(row)
                                 continue
                             if smoke:
                                 row.update(status="smoke: ran, not a timing")
-                                rows.append(row)
+                                add(row)
                                 continue
                             gbps = row["bytes"] / t / 1e9
                             row.update(status="measured", time_s=t, GBps=gbps, frac_copy=gbps / (copy_bw / 1e9))
-                            rows.append(row)
+                            add(row)
                             print(f"{kind:6s} {name:14s} {mode:8s} m={m} T={T:6d} BN={BN:5d} "
                                   f"{t * 1e3:9.3f} ms {gbps:8.1f} GB/s {row['frac_copy']:6.1%}")
                     del inputs
@@ -359,36 +388,81 @@ def write_markdown(path: Path, result: dict) -> None:
     path.write_text("\n".join(lines))
 
 
+class ResultFile:
+    """scan.json and scan.md, rewritten (atomically) after every row."""
+
+    def __init__(self, path: Path, meta: dict, rows: List[dict]):
+        self.path, self.meta, self.rows = path, meta, rows
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        self.save()
+
+    def save(self) -> None:
+        result = {"meta": self.meta, "rows": self.rows}
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=1))
+        os.replace(tmp, self.path)
+        write_markdown(self.path.with_suffix(".md"), result)
+
+
+def resumed_rows(path: Path) -> List[dict]:
+    """The measured GPU rows of an earlier run's file (none if it is missing or torn)."""
+    try:
+        rows = json.loads(path.read_text())["rows"]
+    except (OSError, ValueError, KeyError):
+        return []
+    return [r for r in rows if "ratio" not in r and r.get("device") != "cpu"
+            and r.get("status", "").startswith(("measured", "smoke", "skipped"))]
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="T = 2K only on GPU, smaller CPU sizes")
+    ap.add_argument("--quick", action="store_true",
+                    help=f"T = 2K only on GPU, one chunk length ({QUICK_CHUNK}) for the Triton rows, smaller CPU sizes")
     ap.add_argument("--dtype", choices=sorted(DT), default="bf16", help="input dtype on GPU (state is fp32)")
     ap.add_argument("--smoke", action="store_true",
                     help="no CUDA: run the GPU code path on CPU under the Triton interpreter at tiny sizes "
-                         "(checks the benchmark runs; not a timing) and write nothing")
-    ap.add_argument("--out", default=str(HERE / "results" / "scan.json"))
+                         "(checks the benchmark runs; not a timing); writes only where --out is given")
+    ap.add_argument("--out", help="JSON results, and a .md beside it (default bench/results/scan.json)")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the measured GPU rows of an existing --out and measure only the others")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     dtype = DT[args.dtype]
     has_cuda = torch.cuda.is_available()
-    if args.smoke and not has_cuda:
+    smoke = args.smoke and not has_cuda
+    meta = dict(torch=torch.__version__, cuda=has_cuda, machine=platform.machine(), threads=torch.get_num_threads(),
+                quick=args.quick or smoke, gpu_dtype=args.dtype, smoke=smoke,
+                triton_chunk=SMOKE_CHUNK if smoke else QUICK_CHUNK if args.quick else "auto",
+                note="byte model: inputs read once, outputs written once",
+                loadavg_1m=os.getloadavg()[0])  # CPU timings on a shared machine: say how busy it was
+    if smoke and args.out is None:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are imported (lazily)
         rows = gpu_rows(dtype, True, smoke=True)
         print(f"smoke run: {len(rows)} rows ran through the GPU code path; nothing written")
         return 0
-    rows = gpu_rows(dtype, args.quick) if has_cuda else unmeasured_gpu_rows(dtype)
-    if not has_cuda:
-        print(f"no CUDA device: {len(rows)} GPU rows written as unmeasured")
-        rows += cpu_rows(args.quick)
-    rows += ratios(rows)
-    meta = dict(torch=torch.__version__, cuda=has_cuda, machine=platform.machine(), threads=torch.get_num_threads(),
-                quick=args.quick, gpu_dtype=args.dtype, note="byte model: inputs read once, outputs written once",
-                loadavg_1m=os.getloadavg()[0])  # CPU timings on a shared machine: say how busy it was
-    result = {"meta": meta, "rows": rows}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    write_markdown(out.with_suffix(".md"), result)
+    out = Path(args.out or HERE / "results" / "scan.json")
+    kept = resumed_rows(out) if args.resume else []
+    if kept:
+        print(f"--resume: {len(kept)} rows kept from {out}")
+    result = ResultFile(out, meta, list(kept))
+    done = frozenset(row_key(r) for r in kept)
+    if smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        gpu_rows(dtype, True, smoke=True, sink=result.add, done=done)
+    elif has_cuda:
+        gpu_rows(dtype, args.quick, sink=result.add, done=done)
+    else:
+        for row in unmeasured_gpu_rows(dtype):
+            result.rows.append(row)
+        print(f"no CUDA device: {len(result.rows)} GPU rows written as unmeasured")
+        for row in cpu_rows(args.quick):
+            result.add(row)
+    result.meta["loadavg_1m"] = os.getloadavg()[0]
+    result.rows += ratios(result.rows)
+    result.save()
     print(f"wrote {out} and {out.with_suffix('.md')}")
     return 0
 
