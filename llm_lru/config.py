@@ -27,6 +27,8 @@ MIXER_KINDS = ("attn", "swa", "lru", "glru", "bdlru", "hlru", "blur")
 RECURRENT_KINDS = ("lru", "glru", "bdlru", "hlru", "blur")
 GATE_NORMS = ("softmax", "sigmoid", "relu", "tanh", "lin_l1")
 MAX_BLOCK_SIZE = 16
+SCHEDULES = ("cosine", "wsd", "linear", "constant")     # llm_lru/train/schedule.py
+DECAY_SHAPES = ("linear", "cosine", "1-sqrt")
 # Model fields added after runs and exports existed: a saved config (a checkpoint's config.yaml,
 # an export's config.json) without the key was written by code that behaved like this value.
 LEGACY_MODEL_DEFAULTS = {"hlru_readout": "last"}
@@ -93,6 +95,9 @@ class TrainConfig:
     lr: float = 3e-3
     min_lr: float = 3e-4
     warmup_steps: int = 10
+    schedule: str = "cosine"            # cosine | wsd | linear | constant, after the warmup (train/schedule.py)
+    decay_fraction: float = 0.2         # wsd: the last round(decay_fraction x max_steps) steps decay to min_lr
+    decay_shape: str = "1-sqrt"         # wsd: linear | cosine | 1-sqrt
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -293,6 +298,14 @@ def validate(run: RunConfig) -> None:
     _need(t.precision in ("auto", "fp32", "bf16"), "train.precision", f"must be auto, fp32 or bf16, got '{t.precision}'")
     _need(t.lr > 0 and 0 <= t.min_lr <= t.lr, "train.min_lr", f"need 0 <= min_lr <= lr and lr > 0, got lr={t.lr} min_lr={t.min_lr}")
     _need(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
+    _need(t.schedule in SCHEDULES, "train.schedule", f"unknown '{t.schedule}' (one of {', '.join(SCHEDULES)})")
+    _need(t.decay_shape in DECAY_SHAPES, "train.decay_shape", f"unknown '{t.decay_shape}' (one of {', '.join(DECAY_SHAPES)})")
+    _need(0 < t.decay_fraction <= 1, "train.decay_fraction", f"must be in (0, 1], got {t.decay_fraction}")
+    if t.schedule == "wsd":
+        decay = max(1, round(t.decay_fraction * t.max_steps))
+        _need(t.warmup_steps + decay <= t.max_steps or t.max_steps == 0, "train.decay_fraction",
+              f"the wsd decay ({decay} steps) and train.warmup_steps={t.warmup_steps} do not fit in "
+              f"train.max_steps={t.max_steps}")
     _need(t.max_bad_steps >= 1, "train.max_bad_steps", f"must be >= 1, got {t.max_bad_steps}")
     _need(t.val_every >= 0, "train.val_every", f"must be >= 0 (0: no validation), got {t.val_every}")
     _need(t.val_batches >= 1 or not t.val_every, "train.val_batches",

@@ -24,8 +24,9 @@ from llm_lru.models.loss import DEFAULT_CHUNK_TOKENS
 from llm_lru.parallel import Mesh, init_mesh, parallelize
 from llm_lru.parallel.loss import sp_dp_scale
 from llm_lru.train import checkpoint as ckpt_lib
-from llm_lru.train.engine import batch_geometry, build_engine, lr_at, resolve_precision, set_lr
+from llm_lru.train.engine import batch_geometry, build_engine, resolve_precision, set_lr
 from llm_lru.train.monitor import Monitor, flops_per_token, memory_gb, peak_flops
+from llm_lru.train.schedule import lr_at
 
 
 class TooManyBadSteps(RuntimeError):
