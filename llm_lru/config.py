@@ -6,6 +6,7 @@ below and validates the result before anything runs; every error names the offen
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -73,9 +74,20 @@ class ParallelConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One source of a weighted mixture (data.sources): a prep folder and its sampling weight."""
+
+    path: str = ""                      # shard folder with manifest.json
+    weight: float = 1.0                 # relative: a sample comes from it with probability weight / sum
+    name: str = ""                      # in logs and metrics (tokens/NAME, val_loss); "": the folder's name
+    val_path: str = ""                  # its validation shards; "": path's val split (if any)
+
+
+@dataclass
 class DataConfig:
     source: str = "shards"              # shards | random | synthetic
-    path: str = ""                      # shard folder with manifest.json
+    path: str = ""                      # shard folder with manifest.json (one source)
+    sources: List[SourceConfig] = field(default_factory=list)   # a weighted mixture instead of path
     val_path: str = ""                  # optional validation shard folder
     num_workers: int = 1
     shuffle: bool = True
@@ -185,6 +197,9 @@ def _merge(base: DictConfig, other: Any, what: str) -> DictConfig:
         raise ConfigError(f"{what}: unknown key '{e.full_key}'") from None
     except oc_errors.ValidationError as e:
         raise ConfigError(f"{what}: wrong type for '{e.full_key}': {e.msg.splitlines()[0]}") from None
+    except TypeError as e:  # a key path into a list (data.sources.1.weight=...): omegaconf cannot merge it
+        raise ConfigError(f"{what}: {e}; a list (such as data.sources) is overridden whole, "
+                          "e.g. 'data.sources=[{path: a, weight: 1}, {path: b, weight: 2}]'") from None
 
 
 def load_config(path: Optional[str | Path] = None, overrides: Optional[List[str]] = None,
@@ -236,6 +251,16 @@ def to_dict(run: RunConfig) -> Dict[str, Any]:
 def save_config(run: RunConfig, path: str | Path) -> None:
     """Write the resolved config as YAML (readable back with load_config)."""
     Path(path).write_text(OmegaConf.to_yaml(OmegaConf.structured(run)))
+
+
+def source_name(src: SourceConfig) -> str:
+    """A mixture source's name in logs and metrics: its `name`, else its folder's name."""
+    return src.name or Path(src.path.rstrip("/")).name
+
+
+def primary_data_path(d: DataConfig) -> str:
+    """The shard folder whose tokenizer the run uses: data.path, else the first mixture source's."""
+    return d.path or (d.sources[0].path if d.sources else "")
 
 
 def layer_kinds(model: ModelConfig) -> List[str]:
@@ -313,8 +338,22 @@ def validate(run: RunConfig) -> None:
     _need(t.loss_chunk_tokens >= 1, "train.loss_chunk_tokens", f"must be >= 1, got {t.loss_chunk_tokens}")
     _need(run.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", f"must be 0, 1, 2 or 3, got {run.deepspeed.zero_stage}")
     _need(d.source in ("shards", "random", "synthetic"), "data.source", f"must be shards, random or synthetic, got '{d.source}'")
-    if d.source == "shards":
-        _need(bool(d.path), "data.path", "required when data.source=shards (a folder with manifest.json)")
+    if d.source == "shards" and not d.sources:
+        _need(bool(d.path), "data.path", "required when data.source=shards (a folder with manifest.json, "
+              "or data.sources for a mixture)")
+    if d.sources:
+        _need(d.source == "shards", "data.sources", f"a mixture reads shards, not data.source={d.source}")
+        _need(not d.path and not d.val_path, "data.sources",
+              "set either data.path (one source) or data.sources (a mixture), not both; a source's own "
+              "validation folder is its val_path")
+        for i, src in enumerate(d.sources):
+            _need(bool(src.path), f"data.sources[{i}].path", "required (a folder with manifest.json)")
+            _need(src.weight > 0 and math.isfinite(src.weight), f"data.sources[{i}].weight",
+                  f"must be a positive number, got {src.weight}")
+        names = [source_name(s) for s in d.sources]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        _need(not dup, "data.sources", f"two sources named {dup[0]!r}: give them distinct names (name: ...)"
+              if dup else "")
     if d.source == "synthetic":
         _need(bool(d.task), "data.task", "required when data.source=synthetic")
     _need(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")

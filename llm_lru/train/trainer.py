@@ -19,7 +19,8 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from llm_lru.config import RunConfig, check_world, save_config
+from llm_lru.config import RunConfig, check_world, primary_data_path, save_config
+from llm_lru.data_prep.mixture import data_report
 from llm_lru.models.loss import DEFAULT_CHUNK_TOKENS
 from llm_lru.parallel import Mesh, init_mesh, parallelize
 from llm_lru.parallel.loss import sp_dp_scale
@@ -156,8 +157,8 @@ def save_checkpoint(engine, cfg: RunConfig, state: TrainState, loader, mesh) -> 
                 "dp": mesh.dp, "sp": cfg.parallel.sp, "zero_stage": cfg.deepspeed.zero_stage,
                 "precision": resolve_precision(cfg.train), "ds_dir": ckpt_lib.DS_SUBDIR, "ds_tag": ckpt_lib.DS_TAG,
                 "global_batch_size": cfg.train.global_batch_size,
-                "data_path": cfg.data.path,
-                "manifest": str(Path(cfg.data.path) / "manifest.json") if cfg.data.path else ""}
+                "data_path": primary_data_path(cfg.data),
+                "manifest": str(Path(primary_data_path(cfg.data)) / "manifest.json") if primary_data_path(cfg.data) else ""}
         (ckpt / "meta.json").write_text(json.dumps(meta, indent=1))
     dist.barrier()
     if rank == 0:
@@ -286,7 +287,7 @@ def train(cfg: RunConfig, mesh: Optional[Mesh] = None) -> Dict[str, Any]:
     if ckpt is not None:
         mon.message(f"resumed from {ckpt} at step {state.step}")
     if cfg.train.val_every and val_loader is None:
-        mon.message(f"warning: {cfg.data.path} has no 'val' split and data.val_path is not set: "
+        mon.message(f"warning: {cfg.data.path or 'data.sources'} has no 'val' split and data.val_path is not set: "
                     "validation is off (train.val_every ignored)")
     val_steps = 0
     if val_loader is not None:
@@ -345,6 +346,10 @@ def train(cfg: RunConfig, mesh: Optional[Mesh] = None) -> Dict[str, Any]:
                 gn = grad_norm if grad_norm is not None else engine.get_global_grad_norm()
                 rec.update(loss=loss_value, grad_norm=float(gn) if gn is not None else None,
                            bad_steps=state.bad_total)
+            data_metrics, data_notes = data_report(loader)   # per-source tokens of a mixture
+            rec.update(data_metrics)
+            for note in data_notes:
+                mon.message(note)
             rec["memory_gb"] = memory_gb()
             if peak:
                 rec["mfu"] = rec["tokens_per_s"] * fpt / (peak * world)
