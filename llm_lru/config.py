@@ -144,6 +144,10 @@ class CheckpointConfig:
     every_minutes: float = 0.0          # also save when this much wall time passed since the last save; 0: off
     keep: int = 2
     resume: str = "auto"                # auto | none | a checkpoint path
+    # A new run from these weights (a checkpoint, run dir or export dir): step 0, fresh data,
+    # schedule and optimizer; ignored once the run has checkpoints of its own (train/init_from.py).
+    init_from: str = ""
+    init_optimizer: bool = False        # with init_from: keep the checkpoint's AdamW moments
     # Signals that make every rank finish its step, save and exit (code 75); [] leaves them alone.
     save_signals: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
 
@@ -360,6 +364,8 @@ def validate(run: RunConfig) -> None:
     _need(run.checkpoint.every >= 0, "checkpoint.every", f"must be >= 0, got {run.checkpoint.every}")
     _need(run.checkpoint.keep >= 1, "checkpoint.keep", f"must be >= 1, got {run.checkpoint.keep}")
     _need(run.checkpoint.every_minutes >= 0, "checkpoint.every_minutes", f"must be >= 0, got {run.checkpoint.every_minutes}")
+    _need(bool(run.checkpoint.init_from) or not run.checkpoint.init_optimizer, "checkpoint.init_optimizer",
+          "needs checkpoint.init_from (the checkpoint whose optimizer state to load)")
     for name in run.checkpoint.save_signals:
         _need(name in ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP"), "checkpoint.save_signals",
               f"'{name}' is not one of SIGTERM, SIGUSR1, SIGUSR2, SIGINT, SIGHUP")

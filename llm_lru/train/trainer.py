@@ -26,6 +26,7 @@ from llm_lru.parallel import Mesh, init_mesh, parallelize
 from llm_lru.parallel.loss import sp_dp_scale
 from llm_lru.train import checkpoint as ckpt_lib
 from llm_lru.train.engine import batch_geometry, build_engine, resolve_precision, set_lr
+from llm_lru.train.init_from import load_init, load_init_optimizer
 from llm_lru.train.monitor import Monitor, flops_per_token, memory_gb, peak_flops
 from llm_lru.train.schedule import lr_at
 
@@ -266,6 +267,8 @@ def train(cfg: RunConfig, mesh: Optional[Mesh] = None) -> Dict[str, Any]:
                         final_state=False)
     ckpt = resume_path(cfg)
     universal = ckpt is not None and prepare_resume(ckpt, cfg, dp)
+    init = load_init(cfg, model) if ckpt is None else None   # checkpoint.init_from: a new run from its weights
+    universal = universal or (init is not None and init.universal)
     if rank == 0:  # after the resume checks: a refused resume leaves the run's config as it was
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -283,9 +286,13 @@ def train(cfg: RunConfig, mesh: Optional[Mesh] = None) -> Dict[str, Any]:
     state = TrainState()
     if ckpt is not None:
         state = load_checkpoint(engine, ckpt, loader, universal)
+    load_init_optimizer(engine, init)
     mon = Monitor(cfg, run_dir, state.step, enabled=rank == 0)
     if ckpt is not None:
         mon.message(f"resumed from {ckpt} at step {state.step}")
+    elif init is not None:
+        mon.message(f"initialised from {init.path} ({init.kind}{f', step {init.step}' if init.step else ''}); "
+                    f"optimizer {'state loaded' if init.optimizer else 'fresh'}")
     if cfg.train.val_every and val_loader is None:
         mon.message(f"warning: {cfg.data.path or 'data.sources'} has no 'val' split and data.val_path is not set: "
                     "validation is off (train.val_every ignored)")
