@@ -98,6 +98,18 @@ class DataConfig:
 
 
 @dataclass
+class ProfileConfig:
+    """train.profile: a torch.profiler trace of some steps (llm_lru/train/profile.py)."""
+
+    start_step: int = 0                 # first profiled optimizer step (1-based); 0: no profiling
+    steps: int = 2                      # steps recorded from start_step on
+    out: str = ""                       # trace folder; "": RUN/profile
+    all_ranks: bool = False             # False: rank 0 only
+    memory: bool = True                 # allocations in the trace (the memory timeline); CUDA: a snapshot too
+    with_stack: bool = False            # Python stacks of the operators (bigger traces)
+
+
+@dataclass
 class TrainConfig:
     seq_len: int = 256
     global_batch_size: int = 8          # sequences per optimizer step, over the DP group
@@ -110,6 +122,7 @@ class TrainConfig:
     schedule: str = "cosine"            # cosine | wsd | linear | constant, after the warmup (train/schedule.py)
     decay_fraction: float = 0.2         # wsd: the last round(decay_fraction x max_steps) steps decay to min_lr
     decay_shape: str = "1-sqrt"         # wsd: linear | cosine | 1-sqrt
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -330,6 +343,8 @@ def validate(run: RunConfig) -> None:
     _need(t.schedule in SCHEDULES, "train.schedule", f"unknown '{t.schedule}' (one of {', '.join(SCHEDULES)})")
     _need(t.decay_shape in DECAY_SHAPES, "train.decay_shape", f"unknown '{t.decay_shape}' (one of {', '.join(DECAY_SHAPES)})")
     _need(0 < t.decay_fraction <= 1, "train.decay_fraction", f"must be in (0, 1], got {t.decay_fraction}")
+    _need(t.profile.start_step >= 0, "train.profile.start_step", f"must be >= 0 (0: off), got {t.profile.start_step}")
+    _need(t.profile.steps >= 1, "train.profile.steps", f"must be >= 1, got {t.profile.steps}")
     if t.schedule == "wsd":
         decay = max(1, round(t.decay_fraction * t.max_steps))
         _need(t.warmup_steps + decay <= t.max_steps or t.max_steps == 0, "train.decay_fraction",

@@ -28,6 +28,7 @@ from llm_lru.train import checkpoint as ckpt_lib
 from llm_lru.train.engine import batch_geometry, build_engine, resolve_precision, set_lr
 from llm_lru.train.init_from import load_init, load_init_optimizer
 from llm_lru.train.monitor import Monitor, flops_per_token, memory_gb, peak_flops
+from llm_lru.train.profile import StepProfiler
 from llm_lru.train.schedule import lr_at
 
 
@@ -317,6 +318,7 @@ def train(cfg: RunConfig, mesh: Optional[Mesh] = None) -> Dict[str, Any]:
     # Never rewrite the checkpoint resumed from (a save first deletes a same-step dir).
     saved_step, last_save, preempted, status = state.step if ckpt else -1, time.monotonic(), False, "failed"
     signals = ckpt_lib.SaveSignals(cfg.checkpoint.save_signals).install()
+    profiler = StepProfiler(cfg.train.profile, run_dir, rank, first_step=state.step + 1)
     if rank == 0:
         ckpt_lib.write_status(run_dir, "running", state.step)
     try:
@@ -364,6 +366,7 @@ def train(cfg: RunConfig, mesh: Optional[Mesh] = None) -> Dict[str, Any]:
                 rec["val_loss"] = evaluate(engine, val_loader, val_steps, mesh, device,
                                            cfg.train.loss_chunk_tokens)
             mon.log(state.step, rec)
+            profiler.step()
             if state.bad_in_row >= cfg.train.max_bad_steps:
                 raise TooManyBadSteps(
                     f"{state.bad_in_row} non-finite losses in a row (train.max_bad_steps={cfg.train.max_bad_steps}) "
@@ -382,6 +385,7 @@ def train(cfg: RunConfig, mesh: Optional[Mesh] = None) -> Dict[str, Any]:
         status = "preempted" if preempted else "finished"
     finally:
         signals.restore()
+        profiler.close()
         if rank == 0:
             ckpt_lib.write_status(run_dir, status, state.step)
         mon.close()
