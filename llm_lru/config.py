@@ -145,10 +145,22 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class WandbConfig:
+    """logging.wandb: Weights & Biases tracking (pip install 'llm_lru[wandb]'; llm_lru/train/tracking.py)."""
+
+    project: str = ""                   # "": off
+    name: str = ""                      # the run's name; "": out_dir's folder name
+    mode: str = "online"                # online | offline (a folder that `wandb sync` uploads later) | disabled
+    entity: str = ""                    # team or user; "": the client's default
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
 class LoggingConfig:
     log_every: int = 1
     tensorboard: bool = True
     progress: str = "auto"              # auto | bar | lines
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 @dataclass
@@ -386,6 +398,10 @@ def validate(run: RunConfig) -> None:
               f"'{name}' is not one of SIGTERM, SIGUSR1, SIGUSR2, SIGINT, SIGHUP")
     _need(run.logging.progress in ("auto", "bar", "lines"), "logging.progress", f"must be auto, bar or lines, got '{run.logging.progress}'")
     _need(bool(run.out_dir), "out_dir", "must not be empty")
+    wb = run.logging.wandb
+    if wb.project:
+        _need(wb.mode in ("online", "offline", "disabled"), "logging.wandb.mode",
+              f"must be online, offline or disabled, got '{wb.mode}'")
 
 
 def check_world(run: RunConfig, world_size: int) -> int:

@@ -46,6 +46,9 @@ def parse(argv: List[str]) -> RunConfig:
     cfg = load_config(args.config, overrides)
     check_world(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     resolve_vocab(cfg)
+    from llm_lru.train.tracking import require_wandb
+
+    require_wandb(cfg)
     return cfg
 
 

@@ -30,6 +30,7 @@ from llm_lru.train.init_from import load_init, load_init_optimizer
 from llm_lru.train.monitor import Monitor, flops_per_token, memory_gb, peak_flops
 from llm_lru.train.profile import StepProfiler
 from llm_lru.train.schedule import lr_at
+from llm_lru.train.tracking import require_wandb
 
 
 class TooManyBadSteps(RuntimeError):
@@ -252,6 +253,7 @@ def train(cfg: RunConfig, mesh: Optional[Mesh] = None) -> Dict[str, Any]:
 
     Raises TooManyBadSteps after train.max_bad_steps non-finite losses in a row.
     """
+    require_wandb(cfg)   # on every rank, before anything: not only on rank 0's Monitor
     mesh = init_mesh(cfg.parallel) if mesh is None else mesh
     rank, world = dist.get_rank(), dist.get_world_size()
     dp, micro, gas = batch_geometry(cfg, world)
