@@ -63,10 +63,19 @@ def _runs(rank, world, root):
     if rank == 0:
         export(root / "base", root / "export")
     torch.distributed.barrier()
-    trainer.train(tiny_cfg(root / "long", **long_over(root, root / "base")))             # dp 1 x sp 2, T = 1024
+    long = long_over(root, root / "base")
+    trainer.train(tiny_cfg(root / "long", **long))                                      # dp 1 x sp 2, T = 1024
+    opt_long = _optimizer_state(root / "long") if rank == 0 else None
     trainer.train(tiny_cfg(root / "long_export", **long_over(root, root / "export")))
     trainer.train(tiny_cfg(root / "long_opt", **long_over(root, root / "base/checkpoints/step_00000003",
                                                           init_optimizer=True)))
+    # Run again with more steps: the continuation resumes its own checkpoint, not init_from.
+    trainer.train(tiny_cfg(root / "long", **{**long, "train": {**long["train"], "max_steps": 3}}))
+    # ZeRO-1: moments kept in the same world (2 ranks) here, and in a world of 1 by _one_rank
+    # (DeepSpeed's universal checkpoint): the same second step.
+    trainer.train(tiny_cfg(root / "base_z1", **base_over(root), deepspeed={"zero_stage": 1}))
+    trainer.train(tiny_cfg(root / "long_z1", **long_over(root, root / "base_z1", init_optimizer=True),
+                           deepspeed={"zero_stage": 1}))
     try:
         trainer.train(tiny_cfg(root / "wrong", **{**long_over(root, root / "base"),
                                                   "model": {"vocab_size": 512, "d_model": 48}}))
@@ -75,15 +84,27 @@ def _runs(rank, world, root):
         error = str(e)
     if rank:
         return None
-    return {name: metrics(root / name) for name in ("base", "long", "long_export", "long_opt")} | {
-        "error": error, "opt_base": _optimizer_state(root / "base"), "opt_long": _optimizer_state(root / "long"),
+    return {name: metrics(root / name) for name in ("base", "long", "long_export", "long_opt", "long_z1")} | {
+        "long_superseded": (root / "long" / "metrics.superseded.jsonl").exists(),
+        "error": error, "opt_base": _optimizer_state(root / "base"), "opt_long": opt_long,
         "opt_kept": _optimizer_state(root / "long_opt")}
+
+
+def _one_rank(rank, world, root):
+    from llm_lru.train import trainer
+
+    root = Path(root)
+    over = {**long_over(root, root / "base_z1", init_optimizer=True), "parallel": {"sp": 1}}
+    trainer.train(tiny_cfg(root / "long_z1_w1", **over, deepspeed={"zero_stage": 1}))
+    return {"metrics": metrics(root / "long_z1_w1"), "universal": (root / "base_z1/checkpoints/step_00000003/universal").is_dir()}
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("init_from")
-    return root, run_world(_runs, 2, str(root), timeout=900)[0]
+    got = run_world(_runs, 2, str(root), timeout=900)[0]
+    got["one_rank"] = run_world(_one_rank, 1, str(root), timeout=600)[0]
+    return root, got
 
 
 def _reference_first_loss(root):
@@ -104,7 +125,7 @@ def _reference_first_loss(root):
 def test_continued_run_starts_from_the_saved_weights(world):
     root, got = world
     long = got["long"]
-    assert [m["step"] for m in long] == [1, 2] and [m["tokens"] for m in long] == [2048, 4096]
+    assert [m["step"] for m in long[:2]] == [1, 2] and [m["tokens"] for m in long[:2]] == [2048, 4096]
     assert long[0]["loss"] == pytest.approx(_reference_first_loss(root), rel=1e-5)
     assert long[0]["loss"] < got["base"][0]["loss"]      # not a fresh model
     assert got["long_export"][0]["loss"] == pytest.approx(long[0]["loss"], rel=1e-6)
@@ -121,6 +142,24 @@ def test_init_optimizer_keeps_the_moments(world):
         assert np.all(kept[i][1] >= beta2 ** 2 * base[i][1] * (1 - 1e-6))
     assert any(np.any(fresh[i][1] < beta2 ** 2 * base[i][1] * 0.5) for i in base)
     assert kept[0][1].tolist() != fresh[0][1].tolist()
+
+
+def test_moments_survive_another_world_through_the_universal_checkpoint(world):
+    _, got = world
+    same, other = got["long_z1"], got["one_rank"]
+    assert other["universal"]                      # world 2 -> 1 under ZeRO-1: converted once
+    # dp 1 x sp 2 with the checkpoint's own partitions, and one process from the universal one:
+    # the same first step, and the same second (which the loaded moments shape).
+    for a, b in zip(same, other["metrics"]):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    fresh_second = got["long"][1]["loss"]          # the same continuation with a fresh AdamW (ZeRO-0)
+    assert abs(same[1]["loss"] - fresh_second) > 1e-4 * abs(fresh_second)
+
+
+def test_a_continuation_with_checkpoints_of_its_own_resumes_them(world):
+    _, got = world
+    assert [m["step"] for m in got["long"]] == [1, 2, 3]
+    assert not got["long_superseded"]              # started at its step 2, not again from init_from
 
 
 def test_another_model_is_refused_naming_the_key(world):
