@@ -41,10 +41,13 @@ def _run(rank, world, root):
     from llm_lru.train import trainer
 
     out = Path(root) / "run"
-    trainer.train(tiny_cfg(out, logging={"wandb": {"project": "llm-lru-tests", "name": "tiny", "mode": "offline",
-                                                   "tags": ["ci"]}},
-                           train={"val_every": 2}))
-    return metrics(out) if rank == 0 else None
+    over = dict(logging={"wandb": {"project": "llm-lru-tests", "name": "tiny", "mode": "offline", "tags": ["ci"]}},
+                train={"val_every": 2})
+    trainer.train(tiny_cfg(out, **over))
+    first = metrics(out) if rank == 0 else None
+    # Resumed for 2 more steps: the same W&B run (id), which gets steps 5 and 6 only.
+    trainer.train(tiny_cfg(Path(root) / "run", **{**over, "train": {"val_every": 2, "max_steps": 6}}))
+    return first
 
 
 @pytest.fixture(scope="module")
@@ -52,20 +55,33 @@ def offline(tmp_path_factory):
     root = tmp_path_factory.mktemp("wandb")
     got = run_world(_run, 2, str(root), timeout=600)[0]
     runs = sorted((root / "run" / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1, runs
-    return got, read_records(next(runs[0].glob("*.wandb")))
+    assert len(runs) == 2, runs      # the run and its resumption
+    first, second = (read_records(next(r.glob("*.wandb"))) for r in runs)
+    if not _by_type(first, "history") or min(_steps(first)) > 1:
+        first, second = second, first
+    return got, first, second, (root / "run" / "wandb" / "run_id").read_text().strip()
 
 
 def _by_type(records, kind):
     return [r for r in records if r.WhichOneof("record_type") == kind]
 
 
-def test_offline_run_holds_the_metrics_of_metrics_jsonl(offline):
-    jsonl, records = offline
-    history = {}
+def _history(records):
+    """{step: {metric: value}} of a run's history records."""
+    out = {}
     for r in _by_type(records, "history"):
         items = {"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in r.history.item}
-        history[items["_step"]] = items
+        out[items["_step"]] = items
+    return out
+
+
+def _steps(records):
+    return sorted(_history(records))
+
+
+def test_offline_run_holds_the_metrics_of_metrics_jsonl(offline):
+    jsonl, records, _, _ = offline
+    history = _history(records)
     assert sorted(history) == [1, 2, 3, 4]
     for m in jsonl:
         h = history[m["step"]]
@@ -77,7 +93,7 @@ def test_offline_run_holds_the_metrics_of_metrics_jsonl(offline):
 
 
 def test_offline_run_holds_the_config_and_hardware(offline):
-    _, records = offline
+    _, records, _, _ = offline
     (run,) = _by_type(records, "run")
     assert (run.run.project, run.run.display_name, list(run.run.tags)) == ("llm-lru-tests", "tiny", ["ci"])
     config = {i.key: json.loads(i.value_json) for i in run.run.config.update}
@@ -87,6 +103,13 @@ def test_offline_run_holds_the_config_and_hardware(offline):
     assert (hw["world_size"], hw["dp"], hw["sp"], hw["device"]) == (2, 2, 1, "cpu")
     env = [r.environment for r in _by_type(records, "environment")]
     assert any(e.cpu_count >= 1 for e in env) and any(e.python for e in env)
+
+
+def test_a_resumed_run_continues_the_same_wandb_run(offline):
+    _, first, second, run_id = offline
+    ids = [r.run.run_id for recs in (first, second) for r in _by_type(recs, "run")]
+    assert ids == [run_id, run_id]
+    assert _steps(second) == [5, 6]
 
 
 def test_without_the_client_the_config_names_the_extra(monkeypatch, tmp_path):
