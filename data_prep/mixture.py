@@ -133,11 +133,11 @@ class _MixtureDataset(torch.utils.data.IterableDataset):
 class MixtureLoader(Loader):
     """The Loader of a weighted mixture (see the module docstring); state_dict() holds every
     source's position. `take_notes()` returns (once) what happened since: sources that started
-    a new epoch."""
+    a new epoch. loader_options go to Loader as they are (its worker settings)."""
 
     def __init__(self, sources: List[Source], layout: Layout, seed: int, num_workers: int,
-                 fingerprint: Dict[str, Any]):
-        super().__init__("mixture", layout, seed, num_workers, fingerprint=fingerprint)
+                 fingerprint: Dict[str, Any], **loader_options: Any):
+        super().__init__("mixture", layout, seed, num_workers, fingerprint=fingerprint, **loader_options)
         self.sources = sources
         self.row = layout.dp_size * layout.batch_size
         self.steps_per_epoch = max(1, sum(s.plan.n for s in sources) // self.row)   # nominal

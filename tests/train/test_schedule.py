@@ -1,6 +1,7 @@
 """LR schedules (llm_lru/train/schedule.py) against hand-computed values, their config keys, and a
 real resumed run that continues the schedule exactly (lrs from metrics.jsonl)."""
 import math
+from pathlib import Path
 
 import pytest
 
@@ -75,11 +76,20 @@ def test_bad_schedule_keys_are_named(over, key):
 
 
 def _wsd_runs(rank, world, root):
-    """wsd over 8 steps, uninterrupted and crashed in step 6 then resumed from step 3."""
+    """wsd over 8 steps on real shards (a loader worker), uninterrupted and crashed in step 6 then
+    resumed from step 3."""
+    from llm_lru.data_prep.prep import PrepConfig, run_prep
     from llm_lru.train import trainer
 
+    corpus = Path(root) / "corpus"
+    corpus.mkdir()
+    for k in range(6):
+        (corpus / f"d{k}.txt").write_text(f"document {k}: " + "words of a short schedule test, " * 12)
+    run_prep(PrepConfig(inputs=[str(corpus)], tokenizer="bytes", seq_len=16, shard_size=40), Path(root) / "data",
+             progress=False)
     over = dict(train={"max_steps": 8, "schedule": "wsd", "decay_fraction": 0.5, "decay_shape": "1-sqrt"},
-                checkpoint={"every": 3})
+                checkpoint={"every": 3}, model={"vocab_size": 512},
+                data={"source": "shards", "path": str(Path(root) / "data"), "num_workers": 1})
     trainer.train(tiny_cfg(f"{root}/ref", **over))
     undo = crashing_loader(after_batches=5 * 4)  # world of 1: 4 micro batches per step
     try:
