@@ -314,13 +314,15 @@ class Loader:
     def epoch(self) -> int:
         return self.step // self.steps_per_epoch
 
-    def __iter__(self) -> Iterator[Dict[str, torch.Tensor]]:
+    def _dataset(self) -> Tuple[torch.utils.data.IterableDataset, int]:
+        """(the dataset that yields the batches from self.step on, worker processes to read it)."""
         if self.plan is not None:
-            ds = _ShardDataset(self.plan, self.step)
-            workers = self.num_workers
-        else:
-            self.gen.start = self.step
-            ds, workers = self.gen, 0
+            return _ShardDataset(self.plan, self.step), self.num_workers
+        self.gen.start = self.step
+        return self.gen, 0
+
+    def __iter__(self) -> Iterator[Dict[str, torch.Tensor]]:
+        ds, workers = self._dataset()
         if workers > 0:
             # pin_memory on CUDA hosts: host-to-device copies can then overlap the step.
             it = iter(torch.utils.data.DataLoader(
@@ -391,6 +393,10 @@ def has_val_split(run_cfg) -> bool:
     d = run_cfg.data
     if d.source != "shards":
         return True
+    if d.sources:
+        from llm_lru.data_prep.mixture import has_val_split as mixture_has_val
+
+        return mixture_has_val(d)
     if d.val_path:
         _manifest("data.val_path", d.val_path)
         return True
@@ -409,8 +415,9 @@ def build_loader(run_cfg, split: str = "train", dp_rank: int = 0, dp_size: int =
     """The loader of one DP rank for `split` ("train" | "val"); see the module docstring.
 
     batch_size: sequences per DP rank per micro step; default train.global_batch_size // dp_size.
-    Shards: data.path (split "val": data.val_path if set, else data.path's val split). Its worker
-    processes ignore the run's save signals (see _ignore_signals).
+    Shards: data.path (split "val": data.val_path if set, else data.path's val split), or the
+    weighted mixture of data.sources (data_prep/mixture.py). Its worker processes ignore the run's
+    save signals (see _ignore_signals).
     """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got '{split}'")
@@ -429,6 +436,10 @@ def build_loader(run_cfg, split: str = "train", dp_rank: int = 0, dp_size: int =
         return Loader(d.source, lay, seed, 0, gen=gen, fingerprint={"task": d.task})
     if d.source != "shards":
         raise ValueError(f"data.source: must be shards, random or synthetic, got '{d.source}'")
+    if d.sources:
+        from llm_lru.data_prep.mixture import build_mixture_loader
+
+        return build_mixture_loader(run_cfg, split, lay)
     key = "data.path"
     folder = d.path
     if split == "val" and d.val_path:

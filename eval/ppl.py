@@ -29,6 +29,7 @@ def _data_cfg(target, ecfg):
         from llm_lru.data_prep import read_manifest
 
         cfg.data.source, cfg.data.path, cfg.data.val_path = "shards", ecfg.data_path, ""
+        cfg.data.sources = []   # a mixture run's sources give way to the folder asked for
         cfg.model.vocab_size = target.model.cfg.vocab_size
         cfg.train.seq_len = int(read_manifest(ecfg.data_path)["seq_len"])  # the loader reads whole samples
         return cfg

@@ -6,6 +6,7 @@ below and validates the result before anything runs; every error names the offen
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -27,6 +28,8 @@ MIXER_KINDS = ("attn", "swa", "lru", "glru", "bdlru", "hlru", "blur")
 RECURRENT_KINDS = ("lru", "glru", "bdlru", "hlru", "blur")
 GATE_NORMS = ("softmax", "sigmoid", "relu", "tanh", "lin_l1")
 MAX_BLOCK_SIZE = 16
+SCHEDULES = ("cosine", "wsd", "linear", "constant")     # llm_lru/train/schedule.py
+DECAY_SHAPES = ("linear", "cosine", "1-sqrt")
 # Model fields added after runs and exports existed: a saved config (a checkpoint's config.yaml,
 # an export's config.json) without the key was written by code that behaved like this value.
 LEGACY_MODEL_DEFAULTS = {"hlru_readout": "last"}
@@ -71,9 +74,20 @@ class ParallelConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One source of a weighted mixture (data.sources): a prep folder and its sampling weight."""
+
+    path: str = ""                      # shard folder with manifest.json
+    weight: float = 1.0                 # relative: a sample comes from it with probability weight / sum
+    name: str = ""                      # in logs and metrics (tokens/NAME, val_loss); "": the folder's name
+    val_path: str = ""                  # its validation shards; "": path's val split (if any)
+
+
+@dataclass
 class DataConfig:
     source: str = "shards"              # shards | random | synthetic
-    path: str = ""                      # shard folder with manifest.json
+    path: str = ""                      # shard folder with manifest.json (one source)
+    sources: List[SourceConfig] = field(default_factory=list)   # a weighted mixture instead of path
     val_path: str = ""                  # optional validation shard folder
     num_workers: int = 1
     shuffle: bool = True
@@ -81,6 +95,18 @@ class DataConfig:
     skip_bad_shards: bool = False       # False: a broken shard stops the run, naming it
     task: str = ""                      # synthetic task name (eval/recall benchmarks)
     task_args: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ProfileConfig:
+    """train.profile: a torch.profiler trace of some steps (llm_lru/train/profile.py)."""
+
+    start_step: int = 0                 # first profiled optimizer step (1-based); 0: no profiling
+    steps: int = 2                      # steps recorded from start_step on
+    out: str = ""                       # trace folder; "": RUN/profile
+    all_ranks: bool = False             # False: rank 0 only
+    memory: bool = True                 # allocations in the trace (the memory timeline); CUDA: a snapshot too
+    with_stack: bool = False            # Python stacks of the operators (bigger traces)
 
 
 @dataclass
@@ -93,6 +119,10 @@ class TrainConfig:
     lr: float = 3e-3
     min_lr: float = 3e-4
     warmup_steps: int = 10
+    schedule: str = "cosine"            # cosine | wsd | linear | constant, after the warmup (train/schedule.py)
+    decay_fraction: float = 0.2         # wsd: the last round(decay_fraction x max_steps) steps decay to min_lr
+    decay_shape: str = "1-sqrt"         # wsd: linear | cosine | 1-sqrt
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -115,10 +145,22 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class WandbConfig:
+    """logging.wandb: Weights & Biases tracking (pip install 'llm_lru[wandb]'; llm_lru/train/tracking.py)."""
+
+    project: str = ""                   # "": off
+    name: str = ""                      # the run's name; "": out_dir's folder name
+    mode: str = "online"                # online | offline (a folder that `wandb sync` uploads later) | disabled
+    entity: str = ""                    # team or user; "": the client's default
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
 class LoggingConfig:
     log_every: int = 1
     tensorboard: bool = True
     progress: str = "auto"              # auto | bar | lines
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 @dataclass
@@ -127,6 +169,10 @@ class CheckpointConfig:
     every_minutes: float = 0.0          # also save when this much wall time passed since the last save; 0: off
     keep: int = 2
     resume: str = "auto"                # auto | none | a checkpoint path
+    # A new run from these weights (a checkpoint, run dir or export dir): step 0, fresh data,
+    # schedule and optimizer; ignored once the run has checkpoints of its own (train/init_from.py).
+    init_from: str = ""
+    init_optimizer: bool = False        # with init_from: keep the checkpoint's AdamW moments
     # Signals that make every rank finish its step, save and exit (code 75); [] leaves them alone.
     save_signals: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
 
@@ -180,6 +226,9 @@ def _merge(base: DictConfig, other: Any, what: str) -> DictConfig:
         raise ConfigError(f"{what}: unknown key '{e.full_key}'") from None
     except oc_errors.ValidationError as e:
         raise ConfigError(f"{what}: wrong type for '{e.full_key}': {e.msg.splitlines()[0]}") from None
+    except TypeError as e:  # a key path into a list (data.sources.1.weight=...): omegaconf cannot merge it
+        raise ConfigError(f"{what}: {e}; a list (such as data.sources) is overridden whole, "
+                          "e.g. 'data.sources=[{path: a, weight: 1}, {path: b, weight: 2}]'") from None
 
 
 def load_config(path: Optional[str | Path] = None, overrides: Optional[List[str]] = None,
@@ -231,6 +280,16 @@ def to_dict(run: RunConfig) -> Dict[str, Any]:
 def save_config(run: RunConfig, path: str | Path) -> None:
     """Write the resolved config as YAML (readable back with load_config)."""
     Path(path).write_text(OmegaConf.to_yaml(OmegaConf.structured(run)))
+
+
+def source_name(src: SourceConfig) -> str:
+    """A mixture source's name in logs and metrics: its `name`, else its folder's name."""
+    return src.name or Path(src.path.rstrip("/")).name
+
+
+def primary_data_path(d: DataConfig) -> str:
+    """The shard folder whose tokenizer the run uses: data.path, else the first mixture source's."""
+    return d.path or (d.sources[0].path if d.sources else "")
 
 
 def layer_kinds(model: ModelConfig) -> List[str]:
@@ -293,6 +352,16 @@ def validate(run: RunConfig) -> None:
     _need(t.precision in ("auto", "fp32", "bf16"), "train.precision", f"must be auto, fp32 or bf16, got '{t.precision}'")
     _need(t.lr > 0 and 0 <= t.min_lr <= t.lr, "train.min_lr", f"need 0 <= min_lr <= lr and lr > 0, got lr={t.lr} min_lr={t.min_lr}")
     _need(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
+    _need(t.schedule in SCHEDULES, "train.schedule", f"unknown '{t.schedule}' (one of {', '.join(SCHEDULES)})")
+    _need(t.decay_shape in DECAY_SHAPES, "train.decay_shape", f"unknown '{t.decay_shape}' (one of {', '.join(DECAY_SHAPES)})")
+    _need(0 < t.decay_fraction <= 1, "train.decay_fraction", f"must be in (0, 1], got {t.decay_fraction}")
+    _need(t.profile.start_step >= 0, "train.profile.start_step", f"must be >= 0 (0: off), got {t.profile.start_step}")
+    _need(t.profile.steps >= 1, "train.profile.steps", f"must be >= 1, got {t.profile.steps}")
+    if t.schedule == "wsd":
+        decay = max(1, round(t.decay_fraction * t.max_steps))
+        _need(t.warmup_steps + decay <= t.max_steps or t.max_steps == 0, "train.decay_fraction",
+              f"the wsd decay ({decay} steps) and train.warmup_steps={t.warmup_steps} do not fit in "
+              f"train.max_steps={t.max_steps}")
     _need(t.max_bad_steps >= 1, "train.max_bad_steps", f"must be >= 1, got {t.max_bad_steps}")
     _need(t.val_every >= 0, "train.val_every", f"must be >= 0 (0: no validation), got {t.val_every}")
     _need(t.val_batches >= 1 or not t.val_every, "train.val_batches",
@@ -300,19 +369,39 @@ def validate(run: RunConfig) -> None:
     _need(t.loss_chunk_tokens >= 1, "train.loss_chunk_tokens", f"must be >= 1, got {t.loss_chunk_tokens}")
     _need(run.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", f"must be 0, 1, 2 or 3, got {run.deepspeed.zero_stage}")
     _need(d.source in ("shards", "random", "synthetic"), "data.source", f"must be shards, random or synthetic, got '{d.source}'")
-    if d.source == "shards":
-        _need(bool(d.path), "data.path", "required when data.source=shards (a folder with manifest.json)")
+    if d.source == "shards" and not d.sources:
+        _need(bool(d.path), "data.path", "required when data.source=shards (a folder with manifest.json, "
+              "or data.sources for a mixture)")
+    if d.sources:
+        _need(d.source == "shards", "data.sources", f"a mixture reads shards, not data.source={d.source}")
+        _need(not d.path and not d.val_path, "data.sources",
+              "set either data.path (one source) or data.sources (a mixture), not both; a source's own "
+              "validation folder is its val_path")
+        for i, src in enumerate(d.sources):
+            _need(bool(src.path), f"data.sources[{i}].path", "required (a folder with manifest.json)")
+            _need(src.weight > 0 and math.isfinite(src.weight), f"data.sources[{i}].weight",
+                  f"must be a positive number, got {src.weight}")
+        names = [source_name(s) for s in d.sources]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        _need(not dup, "data.sources", f"two sources named {dup[0]!r}: give them distinct names (name: ...)"
+              if dup else "")
     if d.source == "synthetic":
         _need(bool(d.task), "data.task", "required when data.source=synthetic")
     _need(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
     _need(run.checkpoint.every >= 0, "checkpoint.every", f"must be >= 0, got {run.checkpoint.every}")
     _need(run.checkpoint.keep >= 1, "checkpoint.keep", f"must be >= 1, got {run.checkpoint.keep}")
     _need(run.checkpoint.every_minutes >= 0, "checkpoint.every_minutes", f"must be >= 0, got {run.checkpoint.every_minutes}")
+    _need(bool(run.checkpoint.init_from) or not run.checkpoint.init_optimizer, "checkpoint.init_optimizer",
+          "needs checkpoint.init_from (the checkpoint whose optimizer state to load)")
     for name in run.checkpoint.save_signals:
         _need(name in ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP"), "checkpoint.save_signals",
               f"'{name}' is not one of SIGTERM, SIGUSR1, SIGUSR2, SIGINT, SIGHUP")
     _need(run.logging.progress in ("auto", "bar", "lines"), "logging.progress", f"must be auto, bar or lines, got '{run.logging.progress}'")
     _need(bool(run.out_dir), "out_dir", "must not be empty")
+    wb = run.logging.wandb
+    if wb.project:
+        _need(wb.mode in ("online", "offline", "disabled"), "logging.wandb.mode",
+              f"must be online, offline or disabled, got '{wb.mode}'")
 
 
 def check_world(run: RunConfig, world_size: int) -> int:

@@ -13,22 +13,23 @@ import os
 import sys
 from typing import List, Optional
 
-from llm_lru.config import ConfigError, RunConfig, check_world, load_config
+from llm_lru.config import ConfigError, RunConfig, check_world, load_config, primary_data_path
 
 
 def resolve_vocab(cfg: RunConfig) -> None:
     """model.vocab_size = 0 means "from the data": read it from the shards' tokenizer."""
     if cfg.model.vocab_size > 0:
         return
-    if not cfg.data.path:
+    path = primary_data_path(cfg.data)   # a mixture's sources share one tokenizer (checked by the loader)
+    if not path:
         raise ConfigError("model.vocab_size: 0 means 'from the data's tokenizer', but data.path is empty "
                           f"(data.source={cfg.data.source}); set model.vocab_size")
     from llm_lru.data_prep import read_manifest
 
     try:
-        manifest = read_manifest(cfg.data.path)
+        manifest = read_manifest(path)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"model.vocab_size: 0 needs the manifest of data.path={cfg.data.path}: {e}") from None
+        raise ConfigError(f"model.vocab_size: 0 needs the manifest of {path}: {e}") from None
     cfg.model.vocab_size = int(manifest["tokenizer"]["vocab_size"])
 
 
@@ -45,6 +46,9 @@ def parse(argv: List[str]) -> RunConfig:
     cfg = load_config(args.config, overrides)
     check_world(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     resolve_vocab(cfg)
+    from llm_lru.train.tracking import require_wandb
+
+    require_wandb(cfg)
     return cfg
 
 

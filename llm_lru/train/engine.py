@@ -4,7 +4,7 @@
 
 The optimizer is a torch AdamW passed in as a client optimizer (fused on CUDA). DeepSpeed's
 own Adam ops JIT-compile for ~80 s on CPU, so they are never asked for here. The learning rate
-is set by `set_lr(optimizer, lr_at(cfg.train, step))` before each optimizer step rather than by
+is set by `set_lr(optimizer, lr_at(cfg.train, step))` (llm_lru/train/schedule.py) before each optimizer step rather than by
 a DeepSpeed scheduler, with step = the number of applied (not skipped) steps so far: a skipped
 (NaN) step applied no update, so it must not eat into warmup or decay (the convention of
 DeepSpeed's and Megatron's schedulers on overflow); and a resumed run, at any world size, gets
@@ -13,7 +13,6 @@ its LR from the trainer's step counters alone.
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any, Dict, List, Tuple
 
 import torch
@@ -118,15 +117,6 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> SkippableAdamW:
     fused = torch.cuda.is_available()
     return SkippableAdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                           eps=cfg.eps, fused=fused)
-
-
-def lr_at(cfg: TrainConfig, step: int) -> float:
-    """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine to min_lr."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(cfg.max_steps - cfg.warmup_steps, 1)
-    frac = min(max(step - cfg.warmup_steps, 0) / span, 1.0)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * frac))
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

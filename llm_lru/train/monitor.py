@@ -1,4 +1,4 @@
-"""Rank-0 training logs: metrics.jsonl, TensorBoard scalars, a progress bar or plain lines.
+"""Rank-0 training logs: metrics.jsonl, TensorBoard scalars, W&B (logging.wandb), a progress bar or plain lines.
 
     mon = Monitor(cfg, run_dir, start_step, enabled=(rank == 0))
     mon.log(step, {"loss": ..., "lr": ..., ...})    # once per optimizer step
@@ -96,6 +96,7 @@ class Monitor:
         self.t0 = time.time()
         self.bar = None
         self.tb = None
+        self.wandb = None
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -105,6 +106,10 @@ class Monitor:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1)
+        if cfg.logging.wandb.project:
+            from llm_lru.train.tracking import WandbRun
+
+            self.wandb = WandbRun(cfg, run_dir, start_step)
         mode = cfg.logging.progress
         if mode == "bar" or (mode == "auto" and sys.stderr.isatty()):
             from tqdm import tqdm
@@ -122,6 +127,8 @@ class Monitor:
             for k, v in rec.items():
                 if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
                     self.tb.add_scalar(f"train/{k}" if not k.startswith("val") else f"val/{k}", v, step)
+        if self.wandb is not None:
+            self.wandb.log(step, rec)
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
             post = {k: f"{rec[k]:.4g}" for k in ("loss", "lr", "tokens_per_s") if isinstance(rec.get(k), float)}
@@ -148,5 +155,7 @@ class Monitor:
         self.jsonl.close()
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.close()
         if self.bar is not None:
             self.bar.close()

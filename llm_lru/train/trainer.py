@@ -22,13 +22,18 @@ from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 
-from llm_lru.config import RunConfig, check_world, save_config
+from llm_lru.config import RunConfig, check_world, primary_data_path, save_config
+from llm_lru.data_prep.mixture import data_report
 from llm_lru.models.loss import DEFAULT_CHUNK_TOKENS
 from llm_lru.parallel import Mesh, init_mesh, parallelize
 from llm_lru.parallel.loss import sp_dp_scale
 from llm_lru.train import checkpoint as ckpt_lib
-from llm_lru.train.engine import batch_geometry, build_engine, lr_at, resolve_precision, set_lr
+from llm_lru.train.engine import batch_geometry, build_engine, resolve_precision, set_lr
+from llm_lru.train.init_from import load_init, load_init_optimizer
 from llm_lru.train.monitor import Monitor, flops_per_token, memory_gb, peak_flops
+from llm_lru.train.profile import StepProfiler
+from llm_lru.train.schedule import lr_at
+from llm_lru.train.tracking import require_wandb
 
 
 class TooManyBadSteps(RuntimeError):
@@ -59,6 +64,7 @@ class Run:
     gas: int                                 # micro steps per optimizer step
     checkpoint: Optional[Path]               # the one to resume from, if any
     universal: bool                          # ... through DeepSpeed's universal format
+    init: Any                                # checkpoint.init_from's weights (train/init_from.py), if any
     flops_per_token: float
     peak_flops: Optional[float]
     notes: List[str]                         # what setup has to say, logged once the logs are open
@@ -205,8 +211,8 @@ def save_checkpoint(engine, cfg: RunConfig, state: TrainState, loader, mesh: Mes
                     "dp": mesh.dp, "sp": mesh.sp, "zero_stage": cfg.deepspeed.zero_stage,
                     "precision": resolve_precision(cfg.train), "ds_dir": ckpt_lib.DS_SUBDIR,
                     "ds_tag": ckpt_lib.DS_TAG, "global_batch_size": cfg.train.global_batch_size,
-                    "data_path": cfg.data.path,
-                    "manifest": str(Path(cfg.data.path) / "manifest.json") if cfg.data.path else ""}
+                    "data_path": primary_data_path(cfg.data),
+                    "manifest": str(Path(primary_data_path(cfg.data)) / "manifest.json") if primary_data_path(cfg.data) else ""}
             (ckpt / "meta.json").write_text(json.dumps(meta, indent=1))
     except (OSError, RuntimeError) as e:  # torch's writer reports ENOSPC as a RuntimeError
         error = ckpt_lib.without_frames(e)
@@ -315,9 +321,14 @@ def resume(run: Run) -> TrainState:
     state = TrainState()
     if run.checkpoint is not None:
         state = load_checkpoint(run.engine, run.checkpoint, run.loader, run.mesh, run.universal)
+    load_init_optimizer(run.engine, run.init)
     run.monitor = Monitor(run.cfg, Path(run.cfg.out_dir), state.step, enabled=run.mesh.rank == 0)
     if run.checkpoint is not None:
         run.monitor.message(f"resumed from {run.checkpoint} at step {state.step}")
+    elif run.init is not None:
+        init = run.init
+        run.monitor.message(f"initialised from {init.path} ({init.kind}{f', step {init.step}' if init.step else ''}); "
+                            f"optimizer {'state loaded' if init.optimizer else 'fresh'}")
     for note in run.notes:
         run.monitor.message(note)
     return state
@@ -339,6 +350,8 @@ def setup(cfg: RunConfig, mesh: Mesh) -> Run:
                         final_state=False)
     ckpt = resume_path(cfg, mesh)
     universal = ckpt is not None and prepare_resume(ckpt, cfg, mesh)
+    init = load_init(cfg, model) if ckpt is None else None   # checkpoint.init_from: a new run from its weights
+    universal = universal or (init is not None and init.universal)
     run_dir = Path(cfg.out_dir)
     if mesh.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -353,12 +366,12 @@ def setup(cfg: RunConfig, mesh: Mesh) -> Run:
     val_loader = make_loader(cfg, "val", mesh.dp_rank, dp, mesh.sp_rank, mesh.sp, micro) if validate_data else None
     notes: List[str] = []
     if cfg.train.val_every and val_loader is None:
-        notes.append(f"warning: {cfg.data.path} has no 'val' split and data.val_path is not set: "
+        notes.append(f"warning: {cfg.data.path or 'data.sources'} has no 'val' split and data.val_path is not set: "
                      "validation is off (train.val_every ignored)")
     val_steps = validation_steps(cfg, val_loader, gas, notes, dp, micro) if val_loader is not None else 0
     notes.append(f"world {mesh.world_size} = dp {dp} x sp {mesh.sp}, ZeRO-{cfg.deepspeed.zero_stage}, "
                  f"{resolve_precision(cfg.train)}, micro {micro} x accum {gas}, {n_params / 1e6:.2f}M params")
-    return Run(cfg, mesh, engine, optimizer, loader, val_loader, val_steps, micro, gas, ckpt, universal,
+    return Run(cfg, mesh, engine, optimizer, loader, val_loader, val_steps, micro, gas, ckpt, universal, init,
                flops_per_token(cfg.model, n_params, cfg.train.seq_len), peak_flops(), notes)
 
 
@@ -407,6 +420,10 @@ def train_step(run: Run, state: TrainState, it: List[Iterator]) -> Dict[str, Any
         state.bad_in_row = 0
         gn = grad_norm if grad_norm is not None else engine.get_global_grad_norm()
         rec.update(loss=loss_value, grad_norm=float(gn) if gn is not None else None, bad_steps=state.bad_total)
+    data_metrics, data_notes = data_report(run.loader)   # per-source tokens of a mixture
+    rec.update(data_metrics)
+    for note in data_notes:
+        run.monitor.message(note)
     rec["memory_gb"] = memory_gb()
     if run.peak_flops:
         rec["mfu"] = rec["tokens_per_s"] * run.flops_per_token / (run.peak_flops * mesh.world_size)
@@ -418,8 +435,10 @@ def train_step(run: Run, state: TrainState, it: List[Iterator]) -> Dict[str, Any
 def train(cfg: RunConfig, mesh: Optional[Mesh] = None) -> Dict[str, Any]:
     """Train per cfg on `mesh` (llm_lru.parallel.init_mesh; built from cfg.parallel when None);
     returns a summary dict. Raises TooManyBadSteps after train.max_bad_steps non-finite losses in a row."""
+    require_wandb(cfg)   # on every rank, before anything: not only on rank 0's Monitor
     run = setup(cfg, init_mesh(cfg.parallel) if mesh is None else mesh)
     state = resume(run)
+    profiler = StepProfiler(cfg.train.profile, Path(cfg.out_dir), run.mesh.rank, first_step=state.step + 1)
     it, last_ckpt, status = [iter(run.loader)], run.checkpoint, "failed"
     # Never rewrite the checkpoint resumed from (a save first deletes a same-step dir).
     saved_step, last_save, stop = state.step if run.checkpoint else -1, time.monotonic(), False
@@ -432,6 +451,7 @@ def train(cfg: RunConfig, mesh: Optional[Mesh] = None) -> Dict[str, Any]:
             if run.val_loader is not None and state.step % cfg.train.val_every == 0:
                 rec["val_loss"] = validate(run)
             run.monitor.log(state.step, rec)
+            profiler.step()
             if state.bad_in_row >= cfg.train.max_bad_steps:
                 raise TooManyBadSteps(
                     f"{state.bad_in_row} non-finite losses in a row (train.max_bad_steps={cfg.train.max_bad_steps}) "
@@ -446,6 +466,7 @@ def train(cfg: RunConfig, mesh: Optional[Mesh] = None) -> Dict[str, Any]:
         status = "preempted" if stop else "finished"
     finally:
         signals.restore()
+        profiler.close()
         if run.mesh.rank == 0:
             ckpt_lib.write_status(Path(cfg.out_dir), status, state.step)
         run.monitor.close()

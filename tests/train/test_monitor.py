@@ -2,7 +2,6 @@
 import json
 
 from llm_lru.config import from_dict
-from llm_lru.train.engine import lr_at
 from llm_lru.train.monitor import Monitor
 
 
@@ -37,14 +36,6 @@ def test_bar_mode_and_disabled_rank(tmp_path, capsys):
     quiet = Monitor(_cfg(tmp_path / "other", "lines"), tmp_path / "other", 0, enabled=False)
     quiet.log(1, {"loss": 1.0})
     assert not (tmp_path / "other").exists()
-
-
-def test_lr_schedule_warmup_then_cosine():
-    t = _cfg("/tmp", "lines").train  # lr 3e-3, min 3e-4, warmup 10, 4 steps: still warming up
-    t.max_steps, t.warmup_steps = 110, 10
-    assert lr_at(t, 0) == t.lr / 10 and lr_at(t, 9) == t.lr
-    assert lr_at(t, 10) == t.lr and abs(lr_at(t, 60) - (t.lr + t.min_lr) / 2) < 1e-12
-    assert lr_at(t, 110) == t.min_lr and lr_at(t, 500) == t.min_lr
 
 
 def test_resume_supersedes_the_interrupted_attempts_records(tmp_path):

@@ -175,7 +175,7 @@ def test_every_minutes_saves_on_every_rank(world):
 
 
 def test_skipped_step_does_not_advance_the_schedule(world):
-    from llm_lru.train.engine import lr_at
+    from llm_lru.train.schedule import lr_at
 
     m = world["nan"][0]["metrics"]
     assert [r.get("skipped", False) for r in m] == [False, True, False, False]
