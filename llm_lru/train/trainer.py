@@ -25,7 +25,7 @@ from llm_lru.parallel import Mesh, init_mesh, parallelize
 from llm_lru.parallel.loss import sp_dp_scale
 from llm_lru.train import checkpoint as ckpt_lib
 from llm_lru.train.engine import batch_geometry, build_engine, lr_at, resolve_precision, set_lr
-from llm_lru.train.monitor import Monitor, flops_per_token, memory_gb, peak_flops
+from llm_lru.train.monitor import MemoryMeter, Monitor, flops_per_token, peak_flops
 
 
 class TooManyBadSteps(RuntimeError):
@@ -280,6 +280,7 @@ def train(cfg: RunConfig, mesh: Optional[Mesh] = None) -> Dict[str, Any]:
 
     # Same seed everywhere: identical initial weights on every rank (DeepSpeed also broadcasts).
     torch.manual_seed(cfg.train.seed)
+    memory = MemoryMeter()
     model = build_model(cfg)
     n_params = sum(p.numel() for p in model.parameters())
     # Training never reads the final recurrent state: skip its collective (and let ring ranks run ahead).
@@ -367,7 +368,7 @@ def train(cfg: RunConfig, mesh: Optional[Mesh] = None) -> Dict[str, Any]:
                 gn = grad_norm if grad_norm is not None else engine.get_global_grad_norm()
                 rec.update(loss=loss_value, grad_norm=float(gn) if gn is not None else None,
                            bad_steps=state.bad_total)
-            rec["memory_gb"] = memory_gb()
+            rec.update(memory.record())
             if peak:
                 rec["mfu"] = rec["tokens_per_s"] * fpt / (peak * world)
             if val_loader is not None and state.step % cfg.train.val_every == 0:
