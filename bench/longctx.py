@@ -13,7 +13,7 @@ the RSS before the model existed, imports included in that baseline), the larges
 the step's wall clock.
 
 The planner's one fitted row, the CPU allocator's slack per process (CPU_SLACK + CPU_SLACK_FRACTION
-x its token-linear rows), is fitted by least squares on the cells marked `fit`; every other row
+x the backward's transient row in glibc's heap regime), is fitted by least squares on the cells marked `fit`; every other row
 is measured on blocks or counted. The planner is then scored on every cell: `fit` cells show the
 fit error, `heldout` cells (never used by the fit: other sp, lengths, widths, ZeRO stages,
 checkpointing and attention mixes) the error a user should expect. `million` is the 1M-token
@@ -155,7 +155,7 @@ STATES = ("parameters", "gradients", "optimizer states")
 
 def fit(rows: list) -> dict:
     """Least squares over the fit cells: measured - plan without its allocator slack
-    = CPU_SLACK_FRACTION x (the plan's token-linear bytes) + CPU_SLACK."""
+    = CPU_SLACK_FRACTION x (the backward's transient row, in glibc's heap regime) + CPU_SLACK."""
     from llm_lru import plan as P
 
     probes: dict = {}
@@ -163,9 +163,10 @@ def fit(rows: list) -> dict:
     X, y = [], []
     for r in rows:
         got = dict(plan_rows(r, probes))
-        linear = sum(b for n, b in got.items() if n not in STATES)
+        heap = r["tokens_per_rank"] * r["d"] * 4 < P.GLIBC_MMAP_THRESHOLD_MAX     # see plan.linear_total
+        churn = got.get("recompute live set", got.get("backward workspace", 0.0)) if heap else 0.0
         if r["role"] == "fit":
-            X.append([linear, 1.0])
+            X.append([churn, 1.0])
             y.append(r["step_mib"] * 2**20 - sum(got.values()))
     fraction, slack = np.linalg.lstsq(np.array(X), np.array(y), rcond=None)[0]
     P.CPU_SLACK, P.CPU_SLACK_FRACTION = float(slack), float(fraction)
@@ -225,8 +226,10 @@ def write_md(path: Path, meta: dict, rows) -> None:
              "`memory_step_gb` (the trainer's metric: the step's peak RSS above the RSS before the model "
              "existed). Model: 4 layers, pattern BBBS (no full attention) or BBSA, window 256, block 4.", "",
              "Fitted on the `fit` cells only, the CPU allocator's slack per process: "
-             f"{meta.get('cpu_slack_mib', float('nan')):.0f} MiB + {100 * meta.get('cpu_slack_fraction', float('nan')):.1f}% "
-             "of the plan's token-linear bytes (glibc keeps freed heap mapped; the recompute's churn fragments it). Every other row is measured or "
+             f"{meta.get('cpu_slack_mib', float('nan')):.0f} MiB + {100 * meta.get('cpu_slack_fraction', float('nan')):.0f}% "
+             "of the backward's transient row (backward workspace or recompute live set) while the (tokens, D) tensors "
+             "are under glibc's 32 MiB mmap threshold (freed heap stays mapped and fragments; larger blocks are "
+             "mapped and returned whole). Every other row is measured or "
              "counted, not fitted. `heldout` and `million` cells were not used by the fit: "
              "their error is the planner's error on runs it has not seen.", ""]
     if meta.get("missing"):
@@ -244,8 +247,9 @@ def write_md(path: Path, meta: dict, rows) -> None:
     held = [r for r in rows if r["role"] != "fit" and r["tokens_per_rank"] >= 128 * K and "plan_error" in r]
     if held:
         worst = max(held, key=lambda r: abs(r["plan_error"]))
+        out = [r["name"] for r in held if abs(r["plan_error"]) > 0.15]
         lines += ["", f"Largest held-out error from 128K tokens per rank up: {100 * worst['plan_error']:+.1f}% "
-                  f"({worst['name']}), over {len(held)} cells."]
+                  f"({worst['name']}), over {len(held)} cells; outside 15%: {', '.join(out) or 'none'}."]
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -25,7 +25,8 @@ What a rank holds at the peak of one training step, by named row:
   chunk of logits).
 - `loader batch`: input ids and labels (int64) and document starts.
 - `allocator slack (CPU)`, for device="cpu" only: what glibc keeps mapped beyond the live
-  tensors, the one fitted row (CPU_SLACK + CPU_SLACK_FRACTION x the token-linear rows), fitted by
+  tensors, the one fitted row (CPU_SLACK + CPU_SLACK_FRACTION x the backward's transient row while
+  the step's tensors are small enough for glibc's heap: see linear_total in plan), fitted by
   bench/longctx.py on some of its cells and scored on the others (bench/results/longctx.md).
   Compare it with the trainer's `memory_step_gb`. On a GPU the caching allocator's slack is left
   to GPU_RESERVE.
@@ -58,8 +59,10 @@ DS_STAGE3_PREFETCH = 50_000_000
 PROBE_TOKENS = (256, 512)
 # A CPU process's memory above the planned tensors (glibc's kept heap, gloo and DeepSpeed
 # buffers): fitted by bench/longctx.py (bench/results/longctx.md); plans with device="cpu" add it.
-CPU_SLACK = 0.0
-CPU_SLACK_FRACTION = 0.0
+# bench/results/longctx.md: 400 MiB + 35% of the backward's transient row in glibc's heap regime.
+CPU_SLACK = 400 * MiB
+CPU_SLACK_FRACTION = 0.35
+GLIBC_MMAP_THRESHOLD_MAX = 32 * MiB    # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit
 
 
 @dataclass
@@ -290,9 +293,17 @@ def plan(cfg: RunConfig, gpus: int, gpu_mem: float, precision: Optional[str] = N
         return held + peak_rows + [("sp buffers", sp_buf), ("loader batch", n_tok * (8 + 8 + 1))]
 
     def linear_total(seq_len: int) -> float:
-        """The rows that grow with the tokens; on CPU the allocator's slack with them."""
-        b = sum(b for _, b in token_linear(seq_len))
-        return b + (CPU_SLACK + CPU_SLACK_FRACTION * b if device == "cpu" else 0.0)
+        """The rows that grow with the tokens; on CPU the allocator's slack with them: glibc serves
+        blocks under its mmap threshold from the heap, where the backward's freed transients stay
+        mapped and fragment (the recompute allocates and frees them block after block); from
+        (tokens, D) tensors of 32 MiB up the step's tensors are mapped and returned whole."""
+        got = dict(token_linear(seq_len))
+        b = sum(got.values())
+        if device != "cpu":
+            return b
+        heap = micro * seq_len // p.sp * d * w < GLIBC_MMAP_THRESHOLD_MAX
+        churn = got.get("recompute live set", got.get("backward workspace", 0.0))
+        return b + CPU_SLACK + (CPU_SLACK_FRACTION * churn if heap else 0.0)
 
     rows = rows + token_linear(t.seq_len)
     if device == "cpu":
