@@ -78,6 +78,17 @@ CELLS = [
 ]
 
 
+# What reruns of single cells showed (by hand, same machine and day).
+NOTES = [
+    "- h2 measured twice: 2869 and 2888 MiB (0.7% apart).",
+    "- h7 (full attention at sp = 1, checkpointing) is glibc's heap, not tensors: rerun with "
+    "MALLOC_MMAP_THRESHOLD_=1048576 (a fixed threshold: blocks from 1 MiB are mapped and returned "
+    "whole) it measures 936 MiB instead of 2091; one block's live tensors at 16K tokens with 8K-token "
+    "documents peak at 4765 B/token against the probe's 4760. The tiled CPU attention's many "
+    "short-lived blocks of varying size fragment the heap; the fitted slack does not model it.",
+]
+
+
 def shards(seq_len: int) -> Path:
     """Shards of the stdlib at seq_len (bytes tokenizer, no val split): 2 samples are plenty."""
     out = DATA / f"L{seq_len}"
@@ -250,6 +261,7 @@ def write_md(path: Path, meta: dict, rows) -> None:
         out = [r["name"] for r in held if abs(r["plan_error"]) > 0.15]
         lines += ["", f"Largest held-out error from 128K tokens per rank up: {100 * worst['plan_error']:+.1f}% "
                   f"({worst['name']}), over {len(held)} cells; outside 15%: {', '.join(out) or 'none'}."]
+    lines += ["", *NOTES]
     path.write_text("\n".join(lines) + "\n")
 
 
