@@ -361,6 +361,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ValueError as e:
         print(f"llm-lru plan: {e}", file=sys.stderr)
         return 2
-    p = plan(cfg, gpus, mem, args.precision, **(dict(reserve=0, device="cpu") if args.cpu else {}))
+    precision = args.precision
+    if args.cpu and not precision and cfg.train.precision == "auto":
+        precision = "fp32"                      # what precision=auto runs on CPU
+    p = plan(cfg, gpus, mem, precision, **(dict(reserve=0, device="cpu") if args.cpu else {}))
     print(report(args.config, p))
     return 0 if p.fits else 1

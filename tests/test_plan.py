@@ -68,6 +68,8 @@ def test_command_line():
     assert small.returncode == 1 and "DOES NOT FIT" in small.stdout
     bad = run_cli("configs/tiny.yaml", "model.no_such=1")
     assert bad.returncode == 2 and "model.no_such" in bad.stderr
+    cpu = run_cli("configs/tiny.yaml", "model.vocab_size=2048", "--cpu")
+    assert cpu.returncode == 0 and "fp32" in cpu.stdout and "allocator slack (CPU)" in cpu.stdout
     split = run_cli("configs/tiny.yaml", "model.vocab_size=2048", "--gpus", "3")
     assert split.returncode == 2 and "train.global_batch_size" in split.stderr
 
