@@ -2,47 +2,54 @@
 
     p = plan(cfg, gpus=8, gpu_mem=80 * GiB)     # -> MemoryPlan (rows, total, fits, max_seq_len)
 
-What a rank holds during one training step, in four parts:
+What a rank holds at the peak of one training step, by named row:
 - Model states: parameters, gradients and AdamW states, sharded over all ranks (dp x sp: ZeRO
   shards over the whole world, see train/engine.py) by the ZeRO stage, with DeepSpeed's flat
   fp32 partition and gradient buckets (the ZeRO paper's 2 + 2 + 12 bytes per parameter in bf16).
-- Activations: bytes saved for backward per token, per layer kind. They are not guessed from
-  formulas: `activation_probe` runs one block of each kind on this machine's CPU, in the run's
-  dtype, at the config's widths, at two short lengths, and counts the bytes autograd saves
-  (saved-tensor hooks, deduplicated by storage, parameters excluded); the slope is exact for the
-  implementation in this checkout, because it is that implementation. With activation
-  checkpointing a block keeps only its input, and the block being recomputed is transient.
-- SP buffers: full-attention K/V gathered from the whole group (kept for backward), the
-  sliding-window halo, the recurrent carries (all-gathered maps).
-- Transients: the backward of the largest layer (WORKSPACE x its activations); the loss's chunk
-  of logits (chunk x V in fp32, and its gradient), with the hidden-state and head gradients
-  that the chunked loss computes in forward and holds until backward.
-WORKSPACE and the CPU allocator's slack are the measured constants: bench/longctx.py measures
-peak memory of real steps, fits them, and writes the planner's error beside its measurements
-(bench/results/longctx.md). GPU numbers are predictions for the CUDA path from the CPU path's
-saved tensors (the Triton scans save the same states; flash/flex attention the same q, k, v,
-out, lse) until a GPU run measures them.
+- Per layer kind, two measured slopes, not formulas: `activation_probe` runs one block of each
+  kind on this machine's CPU, in the run's dtype, at the config's widths, at two short lengths,
+  and counts the bytes autograd saves (`saved`: saved-tensor hooks, deduplicated by storage,
+  parameters excluded) and the most tensor memory its forward + backward hold at once (`peak`:
+  LiveBytes, every storage an op makes until it is freed). Exact for the implementation in this
+  checkout, because it is that implementation.
+- Without activation checkpointing: `activations` (every block's saved bytes) and `backward
+  workspace` (backward runs the blocks in reverse; block i's peak lands on blocks 0..i-1's
+  activations). With it: `saved block inputs` (one hidden state per block) and `recompute live
+  set` (the block being recomputed holds its activations and its backward's transients).
+- `sp buffers`: full attention's K/V gathered from the whole group (kept for backward; the
+  concatenation, and in backward the gathered gradients, are transient copies), the window's
+  halo, the recurrent carries (all-gathered (P, s) maps); with checkpointing, those of the block
+  being recomputed.
+- The forward's end, when it holds more than backward does: `final norm` (its input and output)
+  and `loss` (the chunked loss's hidden-state and head gradients, held until backward, and one
+  chunk of logits).
+- `loader batch`: input ids and labels (int64) and document starts.
+- `allocator slack (CPU)`, for device="cpu" only: what glibc keeps mapped beyond the live
+  tensors, the one fitted row (CPU_SLACK + CPU_SLACK_FRACTION x the backward's transient row while
+  the step's tensors are small enough for glibc's heap: see linear_total in plan), fitted by
+  bench/longctx.py on some of its cells and scored on the others (bench/results/longctx.md).
+  Compare it with the trainer's `memory_step_gb`. On a GPU the caching allocator's slack is left
+  to GPU_RESERVE.
+GPU numbers are predictions for the CUDA path from the CPU path's tensors (the Triton scans save
+the same states; flash/flex attention the same q, k, v, out, lse) until a GPU run measures them.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import math
 import re
 import sys
+import weakref
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from llm_lru.config import ConfigError, ModelConfig, RunConfig, layer_kinds, load_config
 
 GiB = 1 << 30
 MiB = 1 << 20
-# The backward's transient beyond the saved activations, in units of the largest layer's:
-# fitted by bench/longctx.py on CPU (bench/results/longctx.md: 0.16; the rest of a layer's
-# backward fits in the memory its own freed activations leave).
-WORKSPACE = 0.16
 # Per GPU, never available to tensors: CUDA context, NCCL buffers, the allocator's blocks.
 GPU_RESERVE = 3 * GiB
 # DeepSpeed's default bucket sizes (elements), used for ZeRO-1/2 gradient reduction and
@@ -50,6 +57,12 @@ GPU_RESERVE = 3 * GiB
 DS_REDUCE_BUCKET = 500_000_000
 DS_STAGE3_PREFETCH = 50_000_000
 PROBE_TOKENS = (256, 512)
+# A CPU process's memory above the planned tensors (glibc's kept heap, gloo and DeepSpeed
+# buffers): fitted by bench/longctx.py (bench/results/longctx.md); plans with device="cpu" add it.
+# bench/results/longctx.md: 400 MiB + 35% of the backward's transient row in glibc's heap regime.
+CPU_SLACK = 400 * MiB
+CPU_SLACK_FRACTION = 0.35
+GLIBC_MMAP_THRESHOLD_MAX = 32 * MiB    # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit
 
 
 @dataclass
@@ -102,20 +115,67 @@ def _doc_starts(T: int) -> torch.Tensor:
     return s
 
 
+class LiveBytes(TorchDispatchMode):
+    """Bytes of CPU tensor storage alive while the mode is on, and their peak: every storage an op
+    makes is counted until it is freed (a weak reference's finalizer). Storages made before the
+    mode (inputs, parameters) are not counted; what autograd's backward makes is, the CPU engine
+    running it on the calling thread."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._held: Dict[int, object] = {}
+
+    def _freed(self, key: int, n: int) -> None:
+        self.live -= n
+        self._held.pop(key, None)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                st = t.untyped_storage()
+                key = st.data_ptr()
+                if key and key not in self._held:
+                    self._held[key] = weakref.finalize(st, self._freed, key, st.nbytes())
+                    self.live += st.nbytes()
+                    self.peak = max(self.peak, self.live)
+        return out
+
+
+@dataclass
+class Probe:
+    """Bytes per token of one block of a kind (B = 1, no checkpointing): `saved`, what autograd
+    keeps from its forward for backward; `peak`, the most its forward + backward hold at once
+    (the saved tensors, the output's gradient and the backward's own transients)."""
+    saved: float
+    peak: float
+
+
 def activation_probe(model: ModelConfig, kind: str, dtype: torch.dtype,
-                     tokens: Sequence[int] = PROBE_TOKENS) -> float:
-    """Bytes that one block of `kind` saves for backward per token (B = 1, no checkpointing)."""
+                     tokens: Sequence[int] = PROBE_TOKENS) -> Probe:
+    """Runs one block of `kind` at two lengths and takes the slopes (see Probe)."""
     from llm_lru.models.hybrid import Block
 
     torch.manual_seed(0)
     block = Block(model, kind).to(dtype)
     params = {p.untyped_storage().data_ptr() for p in block.parameters()}
-    got = []
+    saved, peak = [], []
     for T in tokens:
         x = torch.randn(1, T, model.d_model, dtype=dtype, requires_grad=True)
-        n, _ = _saved_bytes(lambda: block(x, _doc_starts(T))[0], params)
-        got.append(n)
-    return (got[1] - got[0]) / (tokens[1] - tokens[0])
+        docs = _doc_starts(T)
+        with LiveBytes() as live:
+            n, y = _saved_bytes(lambda: block(x, docs)[0], params)
+            y.backward(torch.ones_like(y))
+        saved.append(n)
+        peak.append(live.peak)
+    dt = tokens[1] - tokens[0]
+    return Probe((saved[1] - saved[0]) / dt, (peak[1] - peak[0]) / dt)
+
+
+def probe_all(model: ModelConfig, dtype: torch.dtype) -> Dict[str, Probe]:
+    """activation_probe for every layer kind of `model`."""
+    return {k: activation_probe(model, k, dtype) for k in sorted(set(layer_kinds(model)))}
 
 
 # ---- the plan ---------------------------------------------------------------------------------
@@ -151,11 +211,12 @@ def model_state_bytes(n: int, largest_block: int, stage: int, shards: int, bf16:
 
 
 def plan(cfg: RunConfig, gpus: int, gpu_mem: float, precision: Optional[str] = None,
-         reserve: float = GPU_RESERVE, probe: Optional[Dict[str, float]] = None) -> MemoryPlan:
+         reserve: float = GPU_RESERVE, probe: Optional[Dict[str, float]] = None, device: str = "gpu") -> MemoryPlan:
     """The memory of one rank of `cfg` on `gpus` GPUs of `gpu_mem` bytes (see the module doc).
 
     precision: 'bf16' | 'fp32' (default: the config's; 'auto' means bf16, a GPU run).
     probe: {kind: saved bytes per token} to reuse (default: measured now).
+    device: 'gpu' | 'cpu' (a CPU run: its process slack is a row, as the trainer's memory_step_gb sees it).
     """
     m, t, p = cfg.model, cfg.train, cfg.parallel
     if m.vocab_size <= 0:
@@ -183,42 +244,80 @@ def plan(cfg: RunConfig, gpus: int, gpu_mem: float, precision: Optional[str] = N
 
     def token_linear(seq_len: int) -> List[Tuple[str, float]]:
         n_tok = micro * seq_len // p.sp                     # tokens this rank holds
-        per_layer = [probe[k] * n_tok for k in kinds]
-        if t.activation_checkpointing:
-            # Each block keeps its input; the one being recomputed holds all of its own.
-            act = len(kinds) * n_tok * d * w + max(per_layer)
-        else:
-            act = sum(per_layer)
-        act += n_tok * (d * w + 8)                          # final norm input, loss statistics
-        sp_buf = 0.0
+        saved = [probe[k].saved * n_tok for k in kinds]
+        peak = [probe[k].peak * n_tok for k in kinds]
+        # SP exchanges per layer: full attention's K/V gathered from the whole group (kept for
+        # backward; its concatenation and, in backward, the gathered gradient and the stacked one
+        # to reduce-scatter are transient copies of the same size), the window's halo, the
+        # recurrent carries (all-gathered (P, s) maps, fp32).
+        kept, transient = [], []
+        state = (m.d_state or d) * (m.block_size + 1) * 4
         for k in kinds:
-            if k == "attn" or (k == "swa" and m.window - 1 > seq_len // p.sp):
-                sp_buf += 2 * micro * seq_len * kv * w * (p.sp - 1) / p.sp   # gathered K, V
-            elif k == "swa" and p.sp > 1:
-                sp_buf += 2 * micro * (m.window - 1) * kv * w                 # halo
-        n_rec = sum(k not in ("attn", "swa") for k in kinds)
-        state = (m.d_state or d) * (m.block_size + 1) * 4                     # (P, s) per row, fp32
-        sp_buf += n_rec * micro * p.sp * state if p.sp > 1 else 0.0
-        work = WORKSPACE * max(per_layer)
-        # models/loss.py: one chunk of fp32 logits, turned into their gradient in place (and cast
-        # to bf16 for the matmuls); the gradients of the hidden states (their dtype) and of the
-        # head (fp32) are made in forward and held until backward.
+            if p.sp == 1:
+                g = 0.0
+            elif k == "attn" or (k == "swa" and m.window - 1 > seq_len // p.sp):
+                g = 2 * micro * seq_len * kv * w                          # gathered K, V (whole sequence)
+            elif k == "swa":
+                g = 2 * micro * (m.window - 1) * kv * w                   # halo
+            else:
+                g = micro * p.sp * state                                  # carries
+            kept.append(g)
+            transient.append(2 * g if k in ("attn", "swa") else g)
+        L = len(kinds)
+        hidden = n_tok * d * w
+        if t.activation_checkpointing:
+            # Each block keeps only its input; backward recomputes one block at a time, which then
+            # holds its activations, its exchanges and its backward's transients at once (the
+            # inputs of the blocks after it are freed by then).
+            held = [("saved block inputs", L * hidden)]
+            top = max(range(L), key=lambda i: peak[i] + kept[i] + transient[i] - (L - 1 - i) * hidden)
+            back = ("recompute live set", peak[top] - (L - 1 - top) * hidden)
+            sp_buf = kept[top] + transient[top]           # that block's exchanges only
+        else:
+            # Backward runs the blocks in reverse: block i's transients land on the activations
+            # of blocks 0..i-1 (the later blocks' are freed by then) and its own.
+            top = max(sum(saved[:i]) + sum(kept[:i]) + peak[i] + kept[i] + transient[i] for i in range(L))
+            held = [("activations", sum(saved))]
+            back = ("backward workspace", top - sum(saved) - sum(kept))
+            sp_buf = sum(kept)
+        # The forward's end: the final norm's input, output (the head's input) and statistics,
+        # and models/loss.py's gradients of the hidden states (their dtype) and of the head (fp32),
+        # made in forward and held until backward begins, with one chunk of fp32 logits (turned
+        # into their gradient in place, and cast to bf16 for the matmuls). The step peaks there
+        # or in backward, whichever holds more above what both share.
         logit_bytes = 4 + (2 if bf16 else 0)
-        loss = min(chunk, n_tok) * m.vocab_size * logit_bytes + n_tok * d * w + m.vocab_size * d * 4
-        return [("activations", act), ("sp buffers", sp_buf), ("backward workspace", work),
-                ("loss", loss)]
+        end = [("final norm", n_tok * (2 * d * w + 4)),
+               ("loss", hidden + m.vocab_size * d * 4 + min(chunk, n_tok) * m.vocab_size * logit_bytes)]
+        peak_rows = [back] if back[1] + (sp_buf if t.activation_checkpointing else 0) >= sum(b for _, b in end) else end
+        # The loader's batch: input ids and labels (int64) and document starts.
+        return held + peak_rows + [("sp buffers", sp_buf), ("loader batch", n_tok * (8 + 8 + 1))]
+
+    def linear_total(seq_len: int) -> float:
+        """The rows that grow with the tokens; on CPU the allocator's slack with them: glibc serves
+        blocks under its mmap threshold from the heap, where the backward's freed transients stay
+        mapped and fragment (the recompute allocates and frees them block after block); from
+        (tokens, D) tensors of 32 MiB up the step's tensors are mapped and returned whole."""
+        got = dict(token_linear(seq_len))
+        b = sum(got.values())
+        if device != "cpu":
+            return b
+        heap = micro * seq_len // p.sp * d * w < GLIBC_MMAP_THRESHOLD_MAX
+        churn = got.get("recompute live set", got.get("backward workspace", 0.0))
+        return b + CPU_SLACK + (CPU_SLACK_FRACTION * churn if heap else 0.0)
 
     rows = rows + token_linear(t.seq_len)
+    if device == "cpu":
+        rows.append(("allocator slack (CPU)", linear_total(t.seq_len) - sum(b for _, b in token_linear(t.seq_len))))
     fixed = sum(b for name, b in rows if name in ("parameters", "gradients", "optimizer states"))
     # Everything else is linear in seq_len (plus the loss chunk's cap): the longest that fits.
     step = 1024 * p.sp
     lo, hi = 0, 1
     budget = gpu_mem - reserve - fixed
-    while hi < 1 << 40 and sum(b for _, b in token_linear(hi * step)) <= budget:
+    while hi < 1 << 40 and linear_total(hi * step) <= budget:
         lo, hi = hi, hi * 2
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if sum(b for _, b in token_linear(mid * step)) <= budget:
+        if linear_total(mid * step) <= budget:
             lo = mid
         else:
             hi = mid
@@ -230,8 +329,8 @@ def plan(cfg: RunConfig, gpus: int, gpu_mem: float, precision: Optional[str] = N
 def report(cfg_name: str, p: MemoryPlan) -> str:
     lines = [f"{cfg_name}: {p.notes[0]}", f"  tokens per rank per micro step: {p.tokens:,}"]
     for name, b in p.rows:
-        lines.append(f"  {name:<20} {b / GiB:9.2f} GiB")
-    lines.append(f"  {'total':<20} {p.total / GiB:9.2f} GiB  (+ {p.reserve / GiB:.1f} GiB reserve, "
+        lines.append(f"  {name:<22} {b / GiB:9.2f} GiB")
+    lines.append(f"  {'total':<22} {p.total / GiB:9.2f} GiB  (+ {p.reserve / GiB:.1f} GiB reserve, "
                  f"of {p.gpu_mem / GiB:.0f} GiB: {'fits' if p.fits else 'DOES NOT FIT'})")
     lines.append(f"  longest train.seq_len that fits: {p.max_seq_len:,}")
     return "\n".join(lines)
@@ -244,6 +343,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--gpus", type=int, default=0, help="GPUs in the run (default: parallel.sp, one SP group)")
     ap.add_argument("--gpu-mem", default="80GiB", help="memory per GPU (default 80GiB)")
     ap.add_argument("--precision", choices=["bf16", "fp32"], help="default: the config's (auto = bf16)")
+    ap.add_argument("--cpu", action="store_true",
+                    help="a CPU run (one process per rank, no reserve, the allocator's slack added): "
+                         "its total compares with the trainer's memory_step_gb")
     args = ap.parse_intermixed_args(argv)   # overrides and options in any order
     cfg = load_config(args.config, args.overrides)
     if cfg.model.vocab_size <= 0:
@@ -259,6 +361,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ValueError as e:
         print(f"llm-lru plan: {e}", file=sys.stderr)
         return 2
-    p = plan(cfg, gpus, mem, args.precision)
+    precision = args.precision
+    if args.cpu and not precision and cfg.train.precision == "auto":
+        precision = "fp32"                      # what precision=auto runs on CPU
+    p = plan(cfg, gpus, mem, precision, **(dict(reserve=0, device="cpu") if args.cpu else {}))
     print(report(args.config, p))
     return 0 if p.fits else 1

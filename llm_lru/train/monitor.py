@@ -44,10 +44,67 @@ def peak_flops() -> Optional[float]:
 
 
 def memory_gb() -> float:
-    """Peak memory of this process: CUDA allocator peak on GPU, max RSS on CPU (GiB)."""
+    """Peak memory of this process: CUDA allocator peak on GPU, max RSS on CPU (GiB), imports included."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def _vm_hwm() -> int:
+    """This process's peak RSS since it started or since the last _reset_vm_hwm (bytes)."""
+    with open("/proc/self/status") as f:
+        return next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM")), 0)
+
+
+def _reset_vm_hwm() -> None:
+    with open("/proc/self/clear_refs", "w") as f:   # "5": VmHWM restarts from the current RSS
+        f.write("5")
+
+
+class MemoryMeter:
+    """Each step's peak memory above what the process held before the run built anything, the
+    figure `llm-lru plan` predicts (its total, without the GPU reserve).
+
+        meter = MemoryMeter()             # before the model exists: takes the baseline
+        rec.update(meter.record())        # once per step
+
+    The baseline is the memory of the process's code alone (imports, the process group): on CPU
+    its RSS after handing freed heap back, on GPU the allocated bytes (about 0).
+    """
+
+    def __init__(self):
+        self.cuda = torch.cuda.is_available()
+        self.seen = 0                 # the largest VmHWM read before a reset (VmHWM restarts)
+        self.logged = False
+        if self.cuda:
+            self.baseline = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            return
+        import ctypes
+
+        import deepspeed  # noqa: F401  the trainer imports it later: its code belongs in the baseline
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/statm") as f:
+            self.baseline = int(f.read().split()[1]) * resource.getpagesize()
+        self.seen = _vm_hwm()
+        _reset_vm_hwm()
+
+    def record(self) -> Dict[str, float]:
+        """memory_gb (the process's peak so far, imports included), memory_step_gb (the peak since
+        the previous record, above the baseline) and, in the first record, memory_baseline_gb."""
+        if self.cuda:
+            rec = {"memory_gb": memory_gb(), "memory_step_gb": (torch.cuda.max_memory_allocated() - self.baseline) / 2**30}
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            peak = _vm_hwm()
+            self.seen = max(self.seen, peak)
+            _reset_vm_hwm()
+            rec = {"memory_gb": max(memory_gb(), self.seen / 2**30), "memory_step_gb": max(peak - self.baseline, 0) / 2**30}
+        if not self.logged:
+            rec["memory_baseline_gb"] = self.baseline / 2**30
+            self.logged = True
+        return rec
 
 
 def _clean(v: Any) -> Any:

@@ -30,7 +30,7 @@ from llm_lru.parallel.loss import sp_dp_scale
 from llm_lru.train import checkpoint as ckpt_lib
 from llm_lru.train.engine import batch_geometry, build_engine, resolve_precision, set_lr
 from llm_lru.train.init_from import load_init, load_init_optimizer
-from llm_lru.train.monitor import Monitor, flops_per_token, memory_gb, peak_flops
+from llm_lru.train.monitor import MemoryMeter, Monitor, flops_per_token, peak_flops
 from llm_lru.train.profile import StepProfiler
 from llm_lru.train.schedule import lr_at
 from llm_lru.train.tracking import require_wandb
@@ -62,6 +62,7 @@ class Run:
     val_steps: int                           # micro batches per validation
     micro: int                               # sequences per rank per micro step
     gas: int                                 # micro steps per optimizer step
+    memory: MemoryMeter                      # the process's memory above its baseline before the model
     checkpoint: Optional[Path]               # the one to resume from, if any
     universal: bool                          # ... through DeepSpeed's universal format
     init: Any                                # checkpoint.init_from's weights (train/init_from.py), if any
@@ -343,6 +344,7 @@ def setup(cfg: RunConfig, mesh: Mesh) -> Run:
     micro, gas = batch_geometry(cfg, dp)
     # Same seed everywhere: identical initial weights on every rank (DeepSpeed also broadcasts).
     torch.manual_seed(cfg.train.seed)
+    memory = MemoryMeter()
     model = build_model(cfg)
     n_params = sum(p.numel() for p in model.parameters())
     # Training never reads the final recurrent state: skip its collective (and let ring ranks run ahead).
@@ -371,7 +373,7 @@ def setup(cfg: RunConfig, mesh: Mesh) -> Run:
     val_steps = validation_steps(cfg, val_loader, gas, notes, dp, micro) if val_loader is not None else 0
     notes.append(f"world {mesh.world_size} = dp {dp} x sp {mesh.sp}, ZeRO-{cfg.deepspeed.zero_stage}, "
                  f"{resolve_precision(cfg.train)}, micro {micro} x accum {gas}, {n_params / 1e6:.2f}M params")
-    return Run(cfg, mesh, engine, optimizer, loader, val_loader, val_steps, micro, gas, ckpt, universal, init,
+    return Run(cfg, mesh, engine, optimizer, loader, val_loader, val_steps, micro, gas, memory, ckpt, universal, init,
                flops_per_token(cfg.model, n_params, cfg.train.seq_len), peak_flops(), notes)
 
 
@@ -424,7 +426,7 @@ def train_step(run: Run, state: TrainState, it: List[Iterator]) -> Dict[str, Any
     rec.update(data_metrics)
     for note in data_notes:
         run.monitor.message(note)
-    rec["memory_gb"] = memory_gb()
+    rec.update(run.memory.record())
     if run.peak_flops:
         rec["mfu"] = rec["tokens_per_s"] * run.flops_per_token / (run.peak_flops * mesh.world_size)
     return rec

@@ -59,3 +59,31 @@ def test_resume_supersedes_the_interrupted_attempts_records(tmp_path):
     assert [json.loads(x)["step"] for x in old[:2]] == [4, 5] and old[2] == '{"step": 6, "lo'
     Monitor(cfg, tmp_path, 5, enabled=True).close()  # resuming at the last step moves nothing
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 5
+
+
+def _memory_steps(rank, world):
+    """In a fresh process: the records of two steps holding 256 MiB and then 64 MiB."""
+    import torch
+
+    from llm_lru.train.monitor import MemoryMeter
+
+    meter = MemoryMeter()
+    recs = []
+    for mib in (256, 64):
+        x = torch.ones(mib << 18)          # mib MiB of fp32, every page touched
+        del x
+        recs.append(meter.record())
+    return meter.baseline / 2**30, recs
+
+
+def test_memory_step_is_the_peak_above_the_baseline():
+    """memory_step_gb is each step's own peak above the baseline (the second step's 64 MiB, not the
+    first's 256 MiB still in the max RSS); memory_gb keeps the process's peak, imports included."""
+    from tests.distributed import run_world
+
+    (base, (a, b)), = run_world(_memory_steps, 1)
+    assert a["memory_baseline_gb"] == base and "memory_baseline_gb" not in b
+    gib = 1 / 1024
+    assert 256 * gib <= a["memory_step_gb"] < 256 * gib + 0.03    # + the interpreter's small allocations
+    assert 64 * gib <= b["memory_step_gb"] < 64 * gib + 0.03
+    assert b["memory_gb"] >= a["memory_gb"] >= base + 256 * gib

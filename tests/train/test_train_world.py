@@ -60,6 +60,12 @@ def test_metrics_have_required_fields(world):
         for key in ("step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s"):
             assert m[key] is not None, key
     assert [m["tokens"] for m in world["stage0"]["metrics"]] == [64, 128, 192, 256]
+    first, *rest = world["stage0"]["metrics"]
+    # The baseline once; every step's peak above it fits inside the process's peak RSS.
+    assert 0 < first["memory_baseline_gb"] < first["memory_gb"]
+    assert not any("memory_baseline_gb" in m for m in rest)
+    for m in world["stage0"]["metrics"]:
+        assert 0 < m["memory_step_gb"] <= m["memory_gb"] - first["memory_baseline_gb"] + 1e-6
 
 
 def test_nan_step_is_skipped_and_counted(world):
