@@ -200,7 +200,7 @@ def plan(cfg: RunConfig, gpus: int, gpu_mem: float, precision: Optional[str] = N
         state = (m.d_state or d) * (m.block_size + 1) * 4                     # (P, s) per row, fp32
         sp_buf += n_rec * micro * p.sp * state if p.sp > 1 else 0.0
         work = WORKSPACE * max(per_layer)
-        # models/loss.py: one chunk of fp32 logits, turned into their gradient in place (and cast
+        # kernels/loss/op.py: one chunk of fp32 logits, turned into their gradient in place (and cast
         # to bf16 for the matmuls); the gradients of the hidden states (their dtype) and of the
         # head (fp32) are made in forward and held until backward.
         logit_bytes = 4 + (2 if bf16 else 0)

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from llm_lru.config import RunConfig, check_world, save_config
-from llm_lru.models.loss import DEFAULT_CHUNK_TOKENS
+from llm_lru.kernels import DEFAULT_CHUNK_TOKENS
 from llm_lru.parallel import Mesh, init_mesh, parallelize
 from llm_lru.parallel.loss import sp_dp_scale
 from llm_lru.train import checkpoint as ckpt_lib

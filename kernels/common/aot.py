@@ -1,6 +1,6 @@
 """Compile every Triton scan kernel variant for sm_80 / sm_90 without a GPU and read its resources.
 
-    python -m llm_lru.kernels.triton.aot [--arch 80,90] [--full] [--out CSV] [--md MD] [--jobs J]
+    python -m llm_lru.kernels.common.aot [--arch 80,90] [--full] [--out CSV] [--md MD] [--jobs J]
                                          [--strict] [--before CSV]
 
 Run it WITHOUT TRITON_INTERPRET (with it the kernels are interpreter functions and cannot be
@@ -78,7 +78,7 @@ class Variant:
 def _subset_resets(norm: Optional[str]) -> tuple:
     """The subset's reset flags: the fused gates always run with their document cuts; the plain
     scans both without (block_scan, diag_scan: A_t = 0 is their cut) and with (the native split's
-    cut variants, local.py, where 8 B of stack once hid)."""
+    cut variants, common.triton.TritonLocal, where 8 B of stack once hid)."""
     return (False, True) if norm is None else (True,)
 
 
@@ -107,8 +107,9 @@ def variants(full: bool) -> List[Variant]:
 def kernel_spec(v: Variant):
     """(jit function, constexprs, num_warps) for a variant, built from what the launchers use."""
     import torch
-    from . import block, companion
-    from ._common import norm_code, num_warps_for, p_columns
+    from ..block import triton as block
+    from ..companion import triton as companion
+    from .triton import _fold_kernel, acc_triton_dtype, norm_code, num_warps_for, p_columns, scan_meta
 
     class _L:  # the launch a real-size problem gets (Launch without a device)
         BLOCK_R = BLOCK_R
@@ -116,9 +117,9 @@ def kernel_spec(v: Variant):
 
     nw = num_warps_for(BLOCK_R)
     if v.kernel == "fold":
-        return block._fold_kernel, dict(M=v.m, BACKWARD=v.backward, ACC=block.acc_triton_dtype(torch.float32),
+        return _fold_kernel, dict(M=v.m, BACKWARD=v.backward, ACC=acc_triton_dtype(torch.float32),
                                         BLOCK_R=BLOCK_R), nw
-    meta = block.scan_meta(v.m, v.W, norm_code(v.norm), v.reverse, v.reset, torch.float32, _L)
+    meta = scan_meta(v.m, v.W, norm_code(v.norm), v.reverse, v.reset, torch.float32, _L)
     comp = v.kernel.startswith("comp")
     if v.kernel.endswith("_fwd"):
         fn = companion._comp_fwd_kernel if comp else block._block_fwd_kernel
@@ -336,7 +337,7 @@ def read_csv(path: str) -> List[Dict]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m llm_lru.kernels.triton.aot", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m llm_lru.kernels.common.aot", description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", default="80,90", help="comma-separated SM versions (default 80,90)")
     ap.add_argument("--full", action="store_true", help="every launchable variant, not the subset")
     ap.add_argument("--out", default=None, help="CSV to write (default: print the summary only)")
@@ -351,7 +352,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("aot: TRITON_INTERPRET=1 is set, so the kernels are interpreter functions and cannot be "
-              "compiled; run it without: env -u TRITON_INTERPRET python -m llm_lru.kernels.triton.aot",
+              "compiled; run it without: env -u TRITON_INTERPRET python -m llm_lru.kernels.common.aot",
               file=sys.stderr)
         return 2
     try:

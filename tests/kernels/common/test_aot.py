@@ -1,4 +1,4 @@
-"""The AOT compile of the Triton kernels (llm_lru.kernels.triton.aot): its SASS and occupancy
+"""The AOT compile of the Triton kernels (llm_lru.kernels.common.aot): its SASS and occupancy
 arithmetic on fixed inputs, its refusal under the interpreter, and a real sm_90 compile of a few
 variants in a subprocess without TRITON_INTERPRET (this process has it set), checked against
 issue 18's targets. The full grid is slow."""
@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from llm_lru.kernels.triton import aot
+from llm_lru.kernels.common import aot
 
 # A loop from 0x0020 to the back-edge at 0x0090, one forward branch inside, code on both sides.
 SASS = """
@@ -61,7 +61,7 @@ def test_variants_cover_the_launch_grid():
     full, sub = aot.variants(True), aot.variants(False)
     assert {v.m for v in sub} == set(aot.MS) and {v.kernel for v in sub} == {v.kernel for v in full}
     assert len(sub) < len(full) // 10
-    # the split scans (triton/local.py) pass document starts to the plain block kernels too
+    # the split scans (common.triton.TritonLocal) pass document starts to the plain block kernels too
     assert any(v.reset and not v.norm for v in full if v.kernel == "block_fwd")
 
 
@@ -75,7 +75,7 @@ def _compile_env():
 def _run_aot(tmp_path, *args, timeout=3000):
     env = _compile_env()
     out = tmp_path / "r.csv"
-    proc = subprocess.run([sys.executable, "-m", "llm_lru.kernels.triton.aot", "--out", str(out), *args],
+    proc = subprocess.run([sys.executable, "-m", "llm_lru.kernels.common.aot", "--out", str(out), *args],
                           env=env, capture_output=True, text=True, timeout=timeout)
     rows = list(csv.DictReader(open(out))) if out.exists() else []
     return proc, rows
@@ -106,7 +106,7 @@ def test_compile_plain_block_cuts_m8(tmp_path):
 def test_compile_reverse_block_cuts_m8():
     """The reverse bf16 block forward at m = 8 with cuts on sm_90 (outside the subset): a 0/1 float
     for the cut cost the register that made ptxas spill the carry index (8 B) to stay at 32."""
-    code = ("from llm_lru.kernels.triton import aot; "
+    code = ("from llm_lru.kernels.common import aot; "
             "v = aot.Variant('block_fwd', 8, None, 'bf16', reverse=True, reset=True); "
             "fn, meta, nw = aot.kernel_spec(v); r = aot.measure(fn, meta, 'bf16', 90, nw); "
             "print(r['regs'], r['spill_bytes'])")

@@ -4,7 +4,8 @@ fused H-LRU entry point that reads m + 1 logits per channel and normalises them 
 The companion matrix (first row a_t, ones below the diagonal) only exists in registers: the state
 is the last m outputs, shifted one place per step. Only y_t (B, T, N) is written; the backward
 rebuilds the state s_{t-1} = (y_{t-1}, ..., y_{t-m}) from y (cut at the last reset, h0 before the
-start) instead of storing m values per step. Chunking and carries as in block.py.
+start) instead of storing m values per step. Chunking and carries as in block/triton.py; the split phase is CompanionTritonLocal
+(common.triton.TritonLocal).
 """
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ..checks import acc_dtype, check_companion
-from ..gates import check_hlru
-from ._common import carry_index, load_tuple, normalize, normalize_bwd, norm_code, scan_order_last_cut, store_tuple, tile_rows
-from .block import Launch, _device, _dot, _fold_backward, _fold_forward, scan_meta
+from ..common.scan import LocalScan, ScanOp, acc_dtype, check_companion
+from ..common.triton import (Launch, TritonLocal, _device, _dot, _fold_backward, _fold_forward, carry_index, load_tuple,
+                             normalize, normalize_bwd, norm_code, scan_meta, scan_order_last_cut, store_tuple, tile_rows)
+from .reference import check_hlru
 
 Tensor = torch.Tensor
 
@@ -290,3 +291,31 @@ def hlru_scan_triton(logits: Tensor, v: Tensor, h0: Optional[Tensor] = None, rev
     NORM = norm_code(norm)
     check_hlru(logits, v, h0, reset)
     return _CompanionFn.apply(logits, v, h0, bool(reverse), reset, NORM, chunk)
+
+
+class CompanionTritonLocal(TritonLocal):
+    """The split companion scan on the companion kernels (common.triton.TritonLocal)."""
+
+    companion = True
+
+    def fwd_kernel(self):
+        return _comp_fwd_kernel
+
+    def launch_bwd(self, grid, G, U, h, h0, lr, dh, lamin, dG, dU, lamout, rst, flags):
+        B, T, N = self.shape
+        _comp_bwd_kernel[grid](G, U, h, h0, lr, dh, lamin, dG, dU, lamout, rst, T, N, B * N, self.lc.L, self.lc.C,
+                               **flags)
+
+
+def companion_local_triton(G: Tensor, X: Tensor, reverse: bool = False, reset: Optional[Tensor] = None,
+                           norm: Optional[str] = None, op: Optional[ScanOp] = None,
+                           chunk: Optional[int] = None) -> LocalScan:
+    """The split companion scan. norm=None: G = a (B, T, N, m), X = x (B, T, N); else G = logits
+    (B, T, N, m + 1), X = v (the fused H-LRU). reset (B, T) bool cuts; op, chunk as block_local_triton."""
+    NORM = norm_code(norm)
+    if NORM:
+        check_hlru(G, X, None, reset)
+    else:
+        check_companion(G, X, None, reset)
+    M = G.shape[-1] - 1 if NORM else G.shape[-1]
+    return CompanionTritonLocal(op or ScanOp(), G, X, reverse, reset, NORM, M, chunk)

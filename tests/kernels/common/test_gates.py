@@ -4,8 +4,7 @@ import math
 import pytest
 import torch
 
-from llm_lru.kernels.gates import (EPS, NORMS, bdlru_scan_reference, hlru_scan_reference,
-                                   normalize_rows)
+from llm_lru.kernels import EPS, NORMS, bdlru_scan_reference, hlru_scan_reference, normalize_rows
 
 
 def _row(g, norm):

@@ -15,6 +15,9 @@ once, which is the memory floor. With few rows and long T the time axis is cut i
 The backward is the adjoint scan lam_t = g_t + A_{t+1}^T lam_{t+1} in the opposite direction,
 dA_t = lam_t h_{t-1}^T, du_t = lam_t, dh0 = A_1^T lam_1, chunked the same way with the carry
 (P_c^T, local adjoint). Fused gates are re-normalised in the backward, never stored.
+
+The split-phase form (the kernels' own two levels cut where the carry enters): BlockTritonLocal,
+`block_local_triton`, see common.triton.TritonLocal.
 """
 from __future__ import annotations
 
@@ -24,10 +27,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ..checks import acc_dtype, check_block, check_diag, check_reset
-from ..gates import EPS, check_bdlru
-from ._common import (acc_triton_dtype, block_rows, carry_index, launch_options, load_tuple, normalize, normalize_bwd,
-                      norm_code, p_columns, pick_chunk, store_tuple, tile_rows, zeros_tuple)
+from ..common.scan import LocalScan, ScanOp, acc_dtype, check_block, check_reset
+from ..common.triton import (Launch, TritonLocal, _device, _dot, _fold_backward, _fold_forward, load_tuple, normalize,
+                             normalize_bwd, norm_code, scan_meta, store_tuple, tile_rows, zeros_tuple, carry_index)
+from .reference import check_bdlru
 
 Tensor = torch.Tensor
 
@@ -54,15 +57,6 @@ def _trans_row(G, U, tok, i, rmask, M: tl.constexpr, W: tl.constexpr, NORM: tl.c
         a0 = P[M]
         u = a0 * v
     return a, u, g, v, a0, P, s, S
-
-
-@triton.jit
-def _dot(a, x, M: tl.constexpr):
-    """sum_j a[j] * x[j] over two M-tuples."""
-    acc = a[0] * x[0]
-    for j in tl.static_range(1, M):
-        acc += a[j] * x[j]
-    return acc
 
 
 @triton.jit
@@ -201,89 +195,6 @@ def _block_bwd_kernel(G, U, H, H0, DH, LAMIN, DG, DU, LAMOUT, RST,
     store_tuple(LAMOUT, cid * M, carry, rmask, M)
 
 
-@triton.jit
-def _fold_kernel(P, S, X0, OUT, C, N, R, M: tl.constexpr, BACKWARD: tl.constexpr,
-                 ACC: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Sequential fold of chunk carries, one row per thread (C small steps, no launches):
-    forward  OUT_0 = X0,     OUT_{c+1} = P_c OUT_c + S_c
-    backward OUT_{C-1} = X0, OUT_{c-1} = P_c^T OUT_c + S_c."""
-    rows, rmask, b, n = tile_rows(R, N, BLOCK_R, tl.program_id(0))
-    x = load_tuple(X0, (b * N + n) * M, rmask, M, ACC)
-    for i in range(0, C):
-        if BACKWARD:
-            c = C - 1 - i
-        else:
-            c = i
-        cid = carry_index(b, c, n, C, N)
-        store_tuple(OUT, cid * M, x, rmask, M)
-        xn = load_tuple(S, cid * M, rmask, M, ACC)
-        for r in tl.static_range(M):
-            prow = load_tuple(P, cid * (M * M) + r * M, rmask, M, ACC)
-            nxt = ()
-            for j in tl.static_range(M):
-                if BACKWARD:  # (P^T x)_j += P[r, j] x_r
-                    nxt = nxt + (xn[j] + prow[j] * x[r],)
-                elif j == r:
-                    nxt = nxt + (xn[j] + _dot(prow, x, M),)
-                else:
-                    nxt = nxt + (xn[j],)
-            xn = nxt
-        x = xn
-
-
-def _fold(P: Tensor, S: Tensor, x0: Tensor, backward: bool) -> Tensor:
-    """P: (B, C, N, M, M), S: (B, C, N, M), x0: (B, N, M) -> carries entering each chunk (B, C, N, M)."""
-    B, C, N, M = S.shape
-    BLOCK_R = block_rows(B * N)
-    out = torch.empty_like(S)
-    _fold_kernel[(triton.cdiv(B * N, BLOCK_R),)](P, S, x0.contiguous(), out, C, N, B * N, M=M, BACKWARD=backward,
-                                                 ACC=acc_triton_dtype(S.dtype), BLOCK_R=BLOCK_R,
-                                                 **launch_options(BLOCK_R))
-    return out
-
-
-def _fold_forward(P: Tensor, s: Tensor, h0: Tensor) -> Tensor:
-    """init_0 = h0, init_{c+1} = P_c init_c + s_c. P: (B, C, N, M, M), s: (B, C, N, M) -> (B, C, N, M)."""
-    return _fold(P, s, h0, False)
-
-
-def _fold_backward(P: Tensor, local: Tensor, lam_last: Tensor) -> Tensor:
-    """Adjoint carries entering each chunk from its end: in_{C-1} = dh_last,
-    in_c = P_{c+1}^T in_{c+1} + local_{c+1}. -> (B, C, N, M)."""
-    return _fold(P, local, lam_last, True)
-
-
-class Launch:
-    """What a launch of the scan kernels chooses for R rows of size M over T steps."""
-
-    def __init__(self, M: int, R: int, T: int, device: torch.device, chunk: Optional[int],
-                 companion: bool = False):
-        self.BLOCK_R = block_rows(R)
-        self.L, self.C = pick_chunk(T, R, self.BLOCK_R, device, chunk)
-        if R * self.C * M * M >= 2 ** 31:  # the kernels index carries (B, C, N, M, M) in int32
-            raise ValueError(f"scan carries too large for int32 indexing: B * N = {R} rows x {self.C} chunks x "
-                             f"m^2 = {M * M}; use fewer chunks (chunk = {self.L}) or a smaller batch")
-        self.tiles = triton.cdiv(R, self.BLOCK_R)
-        self.NCOL = p_columns(M, companion)
-        self.opts = launch_options(self.BLOCK_R)
-
-    def grid(self, M: int, want_p: bool):
-        """Main and backward passes: (tiles, C); carry pass: the P column groups of a tile are
-        neighbours in the grid, so they read the same transitions from L2."""
-        groups = triton.cdiv(M, self.NCOL) if want_p else 1
-        return (self.tiles * groups, self.C)
-
-
-def scan_meta(M: int, W: int, NORM: int, reverse: bool, has_reset: bool, dt: torch.dtype, launch: Launch) -> dict:
-    """The constexprs every block / companion kernel of one scan shares (the AOT compile uses it too)."""
-    return dict(M=M, W=W, NORM=NORM, EPS=EPS, REVERSE=bool(reverse), HAS_RESET=bool(has_reset),
-                ACC=acc_triton_dtype(dt), BLOCK_R=launch.BLOCK_R)
-
-
-def _device(x: Tensor):
-    return torch.cuda.device(x.device) if x.is_cuda else _nullctx()
-
-
 class _BlockScanFn(torch.autograd.Function):
     """G = A (B, T, N, M, M) when NORM = 0, else gate logits (B, T, N, M, M + 1) with U = v."""
 
@@ -345,14 +256,6 @@ class _BlockScanFn(torch.autograd.Function):
         return dG, dU, dh0, None, None, None, None
 
 
-class _nullctx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def block_scan_triton(A: Tensor, u: Tensor, h0: Optional[Tensor] = None, reverse: bool = False,
                       chunk: Optional[int] = None) -> Tuple[Tensor, Tensor]:
     """Triton block scan, same contract as block_scan_ref (DESIGN.md §3), differentiable.
@@ -363,19 +266,6 @@ def block_scan_triton(A: Tensor, u: Tensor, h0: Optional[Tensor] = None, reverse
     """
     check_block(A, u, h0)
     return _BlockScanFn.apply(A, u, h0, bool(reverse), None, 0, chunk)
-
-
-def diag_scan_triton(a: Tensor, u: Tensor, h0: Optional[Tensor] = None, reverse: bool = False,
-                     chunk: Optional[int] = None) -> Tuple[Tensor, Tensor]:
-    """Triton diagonal scan h_t = a_t * h_{t-1} + u_t (m = 1 blocks), differentiable.
-
-    a, u: (B, T, N)  h0: (B, N) or None  ->  h: (B, T, N), h_last: (B, N).
-    (fla's fused_recurrent_hgrn takes log-gates, so it cannot run a signed a_t; this kernel can.)
-    """
-    check_diag(a, u, h0)
-    h, last = _BlockScanFn.apply(a[..., None, None], u[..., None], None if h0 is None else h0[..., None],
-                                 bool(reverse), None, 0, chunk)
-    return h[..., 0], last[..., 0]
 
 
 def bdlru_scan_triton(logits: Tensor, v: Tensor, h0: Optional[Tensor] = None, reverse: bool = False,
@@ -389,3 +279,30 @@ def bdlru_scan_triton(logits: Tensor, v: Tensor, h0: Optional[Tensor] = None, re
     NORM = norm_code(norm)
     check_bdlru(logits, v, h0, reset)
     return _BlockScanFn.apply(logits, v, h0, bool(reverse), reset, NORM, chunk)
+
+
+class BlockTritonLocal(TritonLocal):
+    """The split block scan on the block kernels (common.triton.TritonLocal)."""
+
+    def fwd_kernel(self):
+        return _block_fwd_kernel
+
+    def launch_bwd(self, grid, G, U, h, h0, lr, dh, lamin, dG, dU, lamout, rst, flags):
+        B, T, N = self.shape
+        _block_bwd_kernel[grid](G, U, h, h0, dh, lamin, dG, dU, lamout, rst, T, N, B * N, self.lc.L, self.lc.C, **flags)
+
+
+def block_local_triton(G: Tensor, U: Tensor, reverse: bool = False, reset: Optional[Tensor] = None,
+                       norm: Optional[str] = None, op: Optional[ScanOp] = None,
+                       chunk: Optional[int] = None) -> LocalScan:
+    """The split block scan (ops.LocalScan). norm=None: G = A (B, T, N, m, m), U = u (B, T, N, m);
+    else G = gate logits (B, T, N, m, m + 1), U = v (the fused BD-LRU). reset (B, T) bool zeroes A_t.
+    op: the ScanOp whose apply_t serves LocalGrad.h0_grad (the block layout's by default); chunk: steps per
+    chunk (None: automatic on CUDA, one chunk elsewhere)."""
+    NORM = norm_code(norm)
+    if NORM:
+        check_bdlru(G, U, None, reset)
+    else:
+        check_block(G, U, None)
+        check_reset(reset, U.shape[0], U.shape[1])
+    return BlockTritonLocal(op or ScanOp(), G, U, reverse, reset, NORM, U.shape[-1], chunk)

@@ -1,4 +1,4 @@
-"""The LM head and a cross-entropy that never holds (B, T, V) logits (DESIGN.md §4b).
+"""A linear layer + cross-entropy that never holds (B, T, V) logits (DESIGN.md §4b).
 
     loss = linear_cross_entropy(h, head.weight, labels)              # h (B, T, D), labels (B, T)
     ref  = linear_cross_entropy_reference(h, head.weight, labels)    # full logits, for the tests
@@ -9,9 +9,7 @@ to the hidden states and the weight right away (ChunkedLinearCrossEntropy), so n
 for the backward pass and at most one chunk of them exists at a time. On CUDA, fla's
 `FusedLinearCrossEntropyLoss` does the same with a Triton kernel, where fla is installed.
 
-`LMHead` is the head module: without labels it returns logits, with labels this loss. The
-weight is read inside the head's own forward, which is what DeepSpeed ZeRO-3 needs (it gathers
-a module's parameters only while that module's forward runs).
+The head layer that calls it is llm_lru.models.hybrid.LMHead.
 """
 from __future__ import annotations
 
@@ -20,35 +18,16 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
+
+from .reference import _logits
 
 Tensor = torch.Tensor
 
+
 DEFAULT_CHUNK_TOKENS = 4096
+
+
 REDUCTIONS = ("mean", "sum")
-
-
-def _logits(h: Tensor, weight: Tensor) -> Tensor:
-    """F.linear(h, weight) in fp32 at least (float64 stays float64, for the tests)."""
-    out = F.linear(h, weight)
-    return out if out.dtype in (torch.float32, torch.float64) else out.float()
-
-
-def linear_cross_entropy_reference(hidden: Tensor, weight: Tensor, labels: Tensor, reduction: str = "mean",
-                                   ignore_index: int = -100) -> Tensor:
-    """The plain loss: logits F.linear(hidden, weight) in fp32 (or float64) for every token, then
-    F.cross_entropy.
-
-    hidden: (B, T, D) or (M, D); weight: (V, D); labels: hidden.shape[:-1] int64.
-    reduction 'sum', or 'mean' over the counted tokens (0 when none is counted).
-    """
-    logits = _logits(hidden, weight)
-    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=ignore_index,
-                            reduction="sum")
-    if reduction == "sum":
-        return total
-    return total / (labels != ignore_index).sum().clamp(min=1)
 
 
 def _chunk_loss(h: Tensor, weight: Tensor, y: Tensor, ignore_index: int, want_grad: bool):
@@ -175,21 +154,3 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, reducti
     if reduction == "sum":
         return total
     return total / (y != ignore_index).sum().clamp(min=1)
-
-
-class LMHead(nn.Linear):
-    """The output projection D -> V (no bias): logits, or with labels the loss above.
-
-    The state-dict key stays `weight`, so checkpoints and exports are unchanged by the loss.
-    """
-
-    def __init__(self, d_model: int, vocab_size: int):
-        super().__init__(d_model, vocab_size, bias=False)
-
-    def forward(self, x: Tensor, labels: Optional[Tensor] = None, reduction: str = "mean",
-                chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> Tensor:
-        """x: (B, T, D) -> logits (B, T, V) fp32; with labels (B, T): the scalar loss (see
-        linear_cross_entropy, ignore index -100)."""
-        if labels is None:
-            return F.linear(x, self.weight).float()
-        return linear_cross_entropy(x, self.weight, labels, reduction, chunk_tokens)

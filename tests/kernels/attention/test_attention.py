@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from llm_lru.models import attention as A
-from llm_lru.models.attention import dense_attention, local_attention, tile_plan, tiled_attention
+from llm_lru.kernels.attention import dense_attention, local_attention, tile_plan, tiled_attention
+from llm_lru.kernels.attention import flex as kflex
+from llm_lru.kernels.attention import op as A
 
 TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=2e-5, rtol=2e-5),
        torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
@@ -198,11 +199,11 @@ def test_flex_block_mask_built_once_per_doc_start(monkeypatch):
     built = []
     real = flex.create_block_mask
     monkeypatch.setattr(flex, "create_block_mask", lambda *a, **k: built.append(1) or real(*a, **k))
-    monkeypatch.setattr(A, "_block_masks", A.BlockMaskMemo())
+    monkeypatch.setattr(kflex, "_block_masks", kflex.BlockMaskMemo())
     (q, k, v), _, gen = inputs(2, 2, 1, 40, 40, 16, torch.float32, 0)
 
     def check(docs):
-        out = A.flex_attention_route(q, k, v, docs, 0, True, compiled=False)
+        out = kflex.flex_attention_route(q, k, v, docs, 0, True, compiled=False)
         torch.testing.assert_close(out, dense_attention(q, k, v, docs, 0, True), **TOL[torch.float32])
 
     docs = random_docs(2, 40, 0.2, gen)
