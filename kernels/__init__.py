@@ -23,8 +23,9 @@ package never imports triton: the Triton kernels are imported where they run.
 from .attention import dense_attention, local_attention, tiled_attention
 from .block import (BLOCK, BlockScan, GatedBlockScan, bdlru_gates, bdlru_scan_reference, block_product,
                     block_product_ref, block_scan, block_scan_chunked, block_scan_ref)
-from .common.scan import (EPS, MAX_BLOCK_SIZE, NORMS, LocalGrad, LocalScan, ScanOp, TwoPassScan, backend_for,
-                          block_product_tree, get_backend, normalize_rows, set_backend, transition_mask)
+from .common.scan import (BACKENDS, EPS, MAX_BLOCK_SIZE, NORMS, LocalGrad, LocalScan, ScanOp, TwoPassScan,
+                          block_product_tree, get_backend, normalize_rows, resolve_backend, set_backend,
+                          transition_mask)
 from .companion import (COMPANION, CompanionLags, CompanionScan, GatedCompanionScan, companion_matrix, companion_product,
                         companion_product_chunked, companion_scan, companion_scan_chunked, companion_scan_ref,
                         hlru_scan_reference)
@@ -38,7 +39,7 @@ __all__ = [
     "bdlru_gates", "bdlru_scan_reference", "hlru_scan_reference", "normalize_rows", "NORMS", "EPS", "MAX_BLOCK_SIZE",
     "ScanOp", "LocalScan", "LocalGrad", "TwoPassScan", "BLOCK", "DIAG", "COMPANION", "BlockScan", "DiagScan",
     "CompanionScan", "GatedBlockScan", "GatedCompanionScan", "CompanionLags",
-    "set_backend", "get_backend", "backend_for", "transition_mask",
+    "set_backend", "get_backend", "resolve_backend", "BACKENDS", "transition_mask",
     "local_attention", "tiled_attention", "dense_attention",
     "linear_cross_entropy", "linear_cross_entropy_reference", "DEFAULT_CHUNK_TOKENS",
 ]

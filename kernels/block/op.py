@@ -26,10 +26,9 @@ from typing import Optional, Tuple
 import torch
 from torch.autograd.function import once_differentiable
 
-from ..common.scan import (GatedScan, LocalGrad, ScanOp, TwoPassScan, _carries, _chunk, _chunked_path, _keep_steps,
-                           _local_map, _map_of_ends, _mask, _native_split, _orders, _Split, _unchunk, acc_dtype,
-                           backend_for, block_product_tree, check_block, default_chunk, get_backend,
-                           transition_mask)
+from ..common.scan import (GatedScan, LocalGrad, ScanOp, TwoPassScan, _carries, _chunk, _keep_steps, _local_map,
+                           _map_of_ends, _mask, _orders, _Split, _unchunk, acc_dtype, block_product_tree, check_block,
+                           default_chunk, resolve_backend, transition_mask)
 from .reference import block_product_ref, block_scan_ref
 
 Tensor = torch.Tensor
@@ -222,9 +221,11 @@ class _BlockGrad(LocalGrad):
 # ----------------------------------------------------------------------------------------------
 # The op
 
-def block_scan(A: Tensor, u: Tensor, h0: Optional[Tensor] = None, reverse: bool = False) -> Tuple[Tensor, Tensor]:
-    """h_t = A_t h_{t-1} + u_t per block (reverse: h_t = A_t h_{t+1} + u_t); see module doc."""
-    backend = backend_for(A, u, h0)
+def block_scan(A: Tensor, u: Tensor, h0: Optional[Tensor] = None, reverse: bool = False,
+               backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
+    """h_t = A_t h_{t-1} + u_t per block (reverse: h_t = A_t h_{t+1} + u_t); see module doc.
+    backend: "ref", "torch", "triton" or "auto"; None: resolve_backend's rules."""
+    backend = resolve_backend("block", A, u, h0, backend=backend)
     if backend == "ref":
         return block_scan_ref(A, u, h0, reverse)
     if backend == "triton":
@@ -233,12 +234,12 @@ def block_scan(A: Tensor, u: Tensor, h0: Optional[Tensor] = None, reverse: bool 
     return block_scan_chunked(A, u, h0, reverse)
 
 
-def block_product(A: Tensor, reverse: bool = False) -> Tensor:
+def block_product(A: Tensor, reverse: bool = False, backend: Optional[str] = None) -> Tensor:
     """State map of a whole slice: A_T ... A_1 (reverse: A_1 ... A_T). (B, T, N, m, m) -> (B, N, m, m).
 
     Every backend but "ref" uses the log-depth tree (plain PyTorch, so it runs on any device).
     """
-    if get_backend() == "ref":
+    if resolve_backend("block_product", A, backend=backend) == "ref":
         return block_product_ref(A, reverse)
     return block_product_tree(A, reverse)
 
@@ -249,21 +250,23 @@ class BlockScan(ScanOp):
     name = "block"
 
     def __call__(self, A, u, h0=None, reverse=False, reset=None):
-        return block_scan(_mask(A, reset, reverse), u, h0, reverse)
+        return block_scan(_mask(A, reset, reverse), u, h0, reverse, self.backend)
 
     def product(self, A, reverse=False, reset=None):
-        return block_product(_mask(A, reset, reverse), reverse)
+        return block_product(_mask(A, reset, reverse), reverse, self.backend)
 
     def local(self, A, u, reverse=False, reset=None):
-        if _chunked_path(A, u):
+        backend = resolve_backend(self.name, A, u, backend=self.backend)
+        if backend == "torch":
             return BlockLocal(A, u, reverse, reset)
-        if backend_for(A, u) == "triton":
+        if backend == "triton":
             from .triton import block_local_triton
             return block_local_triton(A, u, reverse, transition_mask(reset, reverse), op=self)
         return TwoPassScan(self, A, u, reverse, reset)
 
     def carry(self, A, u, reverse=False, reset=None):
-        return _local_map(self, A, u, reverse, reset) if _native_split(A, u) else super().carry(A, u, reverse, reset)
+        native = resolve_backend(self.name, A, u, backend=self.backend) != "ref"  # the reference does not split
+        return _local_map(self, A, u, reverse, reset) if native else super().carry(A, u, reverse, reset)
 
 
 BLOCK = BlockScan()

@@ -52,8 +52,10 @@ the carries h_in(c+1) = P(c) h_in(c) + s(c), and wide ops correct every state. T
 move (B, T, ...) tensors into (C, B, nc, ...) chunk buffers and back and fold the chunk maps;
 `block_product_tree` is the log-depth product of a slice's transitions.
 
-Backend choice (LLM_LRU_SCAN or `set_backend`): "auto" (Triton on CUDA tensors, the fast
-PyTorch path on CPU), "torch", "triton", "ref" (sequential reference, for tests).
+Backend choice, in one function (`resolve_backend`): an explicit `backend=` argument (of a scan
+function, or a ScanOp's `backend`), else the configured one (`set_backend`), else the environment
+(LLM_LRU_SCAN), else the device: "auto" (Triton on CUDA tensors, the fast PyTorch path elsewhere),
+"torch", "triton", "ref" (sequential reference, for tests).
 """
 from __future__ import annotations
 
@@ -69,54 +71,79 @@ Tensor = torch.Tensor
 
 
 # ----------------------------------------------------------------------------------------------
-# The backend choice
+# The backend choice: the one place that decides which implementation runs an op on its tensors.
 
-_BACKENDS = ("auto", "torch", "triton", "ref")
-_backend = os.environ.get("LLM_LRU_SCAN", "auto")
-if _backend not in _BACKENDS:
-    raise ValueError(f"LLM_LRU_SCAN: unknown backend '{_backend}' (one of {', '.join(_BACKENDS)})")
-
-
-def set_backend(name: str) -> None:
-    """Force a scan backend for the whole process (tests, benchmarks)."""
-    global _backend
-    if name not in _BACKENDS:
-        raise ValueError(f"scan backend: unknown '{name}' (one of {', '.join(_BACKENDS)})")
-    _backend = name
-
-
-def get_backend() -> str:
-    return _backend
-
-
+BACKENDS = ("auto", "torch", "triton", "ref")
+ENV = "LLM_LRU_SCAN"
+# The ops with Triton kernels; the others (the slice products) run their PyTorch form on any device.
+TRITON_OPS = ("block", "diag", "companion", "bdlru", "hlru")
+_configured: Optional[str] = None
 _warned_no_triton = False
 
 
-def backend_for(*tensors: Optional[Tensor]) -> str:
-    """The backend that runs a scan on these tensors: "ref", "torch" or "triton".
+def _check_backend(name: str, unknown: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{unknown} '{name}' (one of {', '.join(BACKENDS)})")
+    return name
 
-    "auto" means Triton for CUDA tensors and the chunked PyTorch path elsewhere; on CUDA without
-    an installed `triton` it falls back to the chunked path (with one warning).
+
+def set_backend(name: Optional[str]) -> None:
+    """Configure the scan backend of this process (what a run, a test or a benchmark asks for);
+    None unsets it, so that LLM_LRU_SCAN and then the device decide. See resolve_backend."""
+    global _configured
+    _configured = None if name is None else _check_backend(name, "scan backend: unknown")
+
+
+def get_backend() -> str:
+    """The backend asked for when a call names none: the configured one, else LLM_LRU_SCAN, else "auto"."""
+    if _configured is not None:
+        return _configured
+    return _check_backend(os.environ.get(ENV, "auto"), f"{ENV}: unknown backend")
+
+
+def triton_installed() -> bool:
+    """Whether the triton package can be imported (looked up, not imported: CPU users never pay for it)."""
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
+def resolve_backend(op: str, *tensors: Optional[Tensor], backend: Optional[str] = None) -> str:
+    """The implementation that runs `op` (an op's name: block, diag, companion, bdlru, hlru,
+    block_product, companion_product) on these tensors: "ref", "torch" or "triton". Every scan
+    and split in llm_lru.kernels asks here, and nowhere else (DESIGN.md §3):
+
+    1. the explicit `backend` argument, else the configured one (`set_backend`), else the
+       environment (LLM_LRU_SCAN), else "auto";
+    2. "auto" is "triton" when any of the tensors is on CUDA, else "torch" (the chunked path);
+    3. an op without Triton kernels (the slice products) runs its PyTorch form for "triton";
+    4. a missing Triton (the package not installed) is one rule: "auto" falls back to "torch"
+       with one warning; "triton" asked for by name raises ImportError naming where it was asked.
     """
     global _warned_no_triton
-    name = get_backend()
-    if name != "auto":
+    if backend is not None:
+        name, asked = _check_backend(backend, f"{op}: unknown backend"), "the backend argument"
+    elif _configured is not None:
+        name, asked = _configured, "set_backend"
+    else:
+        name, asked = get_backend(), ENV
+    if name == "auto":
+        if not any(t is not None and t.is_cuda for t in tensors):
+            return "torch"
+        name, asked = "triton", None
+    if name != "triton":
         return name
-    if not any(t is not None and t.is_cuda for t in tensors):
+    if op not in TRITON_OPS:
         return "torch"
-    try:
-        import triton  # noqa: F401  (only probed for CUDA tensors: CPU users never import it)
-    except ImportError:
+    if not triton_installed():
+        if asked is not None:
+            raise ImportError(f"{asked}: backend 'triton' for the {op} scan, but triton is not installed "
+                              "(pip install triton, or use backend 'torch')")
         if not _warned_no_triton:
             warnings.warn("scan backend auto: triton is not installed, CUDA scans use the PyTorch path")
             _warned_no_triton = True
         return "torch"
     return "triton"
-
-
-def _use_triton(x: Tensor) -> bool:
-    backend = get_backend()
-    return backend == "triton" or (backend == "auto" and x.is_cuda)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -391,15 +418,6 @@ class _TwoPassGrad(LocalGrad):
         return g_trans, g_u, None if self.h0_dtype is None else g_h0.to(self.h0_dtype)
 
 
-def _chunked_path(*tensors: Tensor) -> bool:
-    return backend_for(*tensors) == "torch"
-
-
-def _native_split(*tensors: Tensor) -> bool:
-    """The chunked PyTorch scans and the Triton kernels split natively; the reference does not."""
-    return backend_for(*tensors) in ("torch", "triton")
-
-
 def _local_map(op: "ScanOp", trans: Tensor, u: Tensor, reverse: bool, reset: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     """(P, s) from the native split's carry-free pass alone (one pass instead of two)."""
     with torch.no_grad():
@@ -411,6 +429,10 @@ class ScanOp:
     """A family of linear recurrences; subclasses fix the layout of `trans`, `u` and the state."""
 
     name = "scan"
+    backend: Optional[str] = None  # an explicit backend for this op; None: resolve_backend's rules
+
+    def __init__(self, backend: Optional[str] = None):
+        self.backend = backend
 
     def __call__(self, trans: Tensor, u: Tensor, h0: Optional[Tensor] = None, reverse: bool = False,
                  reset: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
@@ -458,8 +480,12 @@ class GatedScan(ScanOp):
 
     inner: ScanOp
 
-    def __init__(self, norm: str = "softmax"):
-        self.norm = norm
+    def __init__(self, norm: str = "softmax", backend: Optional[str] = None):
+        self.norm, self.backend = norm, backend
+
+    def fused(self, logits: Tensor) -> bool:
+        """Whether the fused Triton kernels run these gate logits (resolve_backend)."""
+        return resolve_backend(self.name, logits, backend=self.backend) == "triton"
 
     fused_scan = fused_local = None  # the subclass's Triton entry points
 
@@ -469,7 +495,7 @@ class GatedScan(ScanOp):
         return P[..., :-1], P[..., -1]
 
     def __call__(self, logits, v, h0=None, reverse=False, reset=None):
-        if _use_triton(logits):
+        if self.fused(logits):
             return self.fused_scan(logits, v, h0, reverse, transition_mask(reset, reverse), norm=self.norm)
         inner, trans, u = self.prepare(logits, v)
         return inner(trans, u, h0, reverse, reset)
@@ -477,7 +503,7 @@ class GatedScan(ScanOp):
     def prepare(self, logits, v):
         """The normalised rows and weighted input for `inner` (differentiable); on the Triton
         path nothing: the fused kernel keeps the transitions out of memory, which is worth more."""
-        if _use_triton(logits):
+        if self.fused(logits):
             return self, logits, v
         trans, a0 = self.split(logits)
         return self.inner, trans, a0 * v.to(a0.dtype)
@@ -485,7 +511,7 @@ class GatedScan(ScanOp):
     def local(self, logits, v, reverse=False, reset=None):
         """The split scan (ops module doc); on Triton the fused kernels' native split, the gates
         normalised in registers in every pass."""
-        if _use_triton(logits):
+        if self.fused(logits):
             return self.fused_local(logits, v, reverse, transition_mask(reset, reverse), norm=self.norm, op=self)
         return super().local(logits, v, reverse, reset)
 
@@ -498,7 +524,7 @@ class GatedScan(ScanOp):
     def carry(self, logits, v, reverse=False, reset=None):
         """(P, s) of the slice in one pass, the gates normalised once. Values only (no autograd)."""
         with torch.no_grad():
-            if _use_triton(logits):  # the fused split's carry-free pass: gates normalised in registers
+            if self.fused(logits):  # the fused split's carry-free pass: gates normalised in registers
                 part = self.local(logits, v, reverse, reset)
                 return part.P, part.s
             trans, a0 = self.split(logits)

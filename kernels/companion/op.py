@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from ..block.reference import block_product_ref
-from ..common.scan import (GatedScan, LocalGrad, LocalScan, ScanOp, TwoPassScan, _carries, _chunk, _chunked_path,
-                           _local_map, _map_of_ends, _native_split, _Split, _unchunk, acc_dtype, backend_for,
-                           check_companion, check_tensor, default_chunk, get_backend, transition_mask)
+from ..common.scan import (GatedScan, LocalGrad, LocalScan, ScanOp, TwoPassScan, _carries, _chunk, _local_map,
+                           _map_of_ends, _Split, _unchunk, acc_dtype, check_companion, check_tensor, default_chunk,
+                           resolve_backend, transition_mask)
 from .reference import companion_matrix, companion_scan_ref
 
 Tensor = torch.Tensor
@@ -284,12 +284,13 @@ def companion_product_chunked(a: Tensor, reverse: bool = False, reset: Optional[
 # The ops
 
 def companion_scan(a: Tensor, x: Tensor, h0: Optional[Tensor] = None, reverse: bool = False,
-                   reset: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                   reset: Optional[Tensor] = None, backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
     """y_t = sum_k a_t[k-1] y_{t-k} + x_t. a: (B, T, N, m), x: (B, T, N) -> y (B, T, N), state (B, N, m).
 
     reset: (B, T) bool per-step cuts (reset[b, t] zeroes the whole transition of step t) or None.
+    backend: as block_scan.
     """
-    backend = backend_for(a, x, h0)
+    backend = resolve_backend("companion", a, x, h0, backend=backend)
     if backend == "ref":
         return companion_scan_ref(a, x, h0, reverse, reset)
     if backend == "triton":
@@ -298,13 +299,14 @@ def companion_scan(a: Tensor, x: Tensor, h0: Optional[Tensor] = None, reverse: b
     return companion_scan_chunked(a, x, h0, reverse, reset)
 
 
-def companion_product(a: Tensor, reverse: bool = False, reset: Optional[Tensor] = None) -> Tensor:
+def companion_product(a: Tensor, reverse: bool = False, reset: Optional[Tensor] = None,
+                      backend: Optional[str] = None) -> Tensor:
     """State map of a companion (H-LRU) slice: the product of the companion matrices of a, with the
     steps where reset[b, t] (per-step cuts) zeroed. a: (B, T, N, m) -> (B, N, m, m).
 
     "ref" multiplies the materialised matrices; the other backends never form (B, T, N, m, m).
     """
-    if get_backend() == "ref":
+    if resolve_backend("companion_product", a, backend=backend) == "ref":
         C = companion_matrix(a)
         if reset is not None:
             C = C * (~reset).to(C.dtype)[:, :, None, None, None]
@@ -321,21 +323,23 @@ class CompanionScan(ScanOp):
     name = "companion"
 
     def __call__(self, a, x, h0=None, reverse=False, reset=None):
-        return companion_scan(a, x, h0, reverse, transition_mask(reset, reverse))
+        return companion_scan(a, x, h0, reverse, transition_mask(reset, reverse), self.backend)
 
     def product(self, a, reverse=False, reset=None):
-        return companion_product(a, reverse, transition_mask(reset, reverse))
+        return companion_product(a, reverse, transition_mask(reset, reverse), self.backend)
 
     def local(self, a, x, reverse=False, reset=None):
-        if _chunked_path(a, x):
+        backend = resolve_backend(self.name, a, x, backend=self.backend)
+        if backend == "torch":
             return CompanionLocal(a, x, reverse, transition_mask(reset, reverse))
-        if backend_for(a, x) == "triton":
+        if backend == "triton":
             from .triton import companion_local_triton
             return companion_local_triton(a, x, reverse, transition_mask(reset, reverse), op=self)
         return TwoPassScan(self, a, x, reverse, reset)
 
     def carry(self, a, x, reverse=False, reset=None):
-        return _local_map(self, a, x, reverse, reset) if _native_split(a, x) else super().carry(a, x, reverse, reset)
+        native = resolve_backend(self.name, a, x, backend=self.backend) != "ref"  # the reference does not split
+        return _local_map(self, a, x, reverse, reset) if native else super().carry(a, x, reverse, reset)
 
 
 COMPANION = CompanionScan()

@@ -15,9 +15,8 @@ from typing import Optional, Tuple
 import torch
 from torch.autograd.function import once_differentiable
 
-from ..common.scan import (LocalGrad, ScanOp, TwoPassScan, _chunk, _chunked_path, _keep_steps, _local_map, _mask,
-                           _native_split, _orders, _Split, acc_dtype, backend_for, check_diag, default_chunk,
-                           transition_mask)
+from ..common.scan import (LocalGrad, ScanOp, TwoPassScan, _chunk, _keep_steps, _local_map, _mask, _orders, _Split,
+                           acc_dtype, check_diag, default_chunk, resolve_backend, transition_mask)
 from .reference import diag_scan_ref
 
 Tensor = torch.Tensor
@@ -191,9 +190,10 @@ class _DiagGrad(LocalGrad):
 # ----------------------------------------------------------------------------------------------
 # The op
 
-def diag_scan(a: Tensor, u: Tensor, h0: Optional[Tensor] = None, reverse: bool = False) -> Tuple[Tensor, Tensor]:
-    """h_t = a_t * h_{t-1} + u_t elementwise. a, u: (B, T, N), h0: (B, N)."""
-    backend = backend_for(a, u, h0)
+def diag_scan(a: Tensor, u: Tensor, h0: Optional[Tensor] = None, reverse: bool = False,
+              backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
+    """h_t = a_t * h_{t-1} + u_t elementwise. a, u: (B, T, N), h0: (B, N). backend: as block_scan."""
+    backend = resolve_backend("diag", a, u, h0, backend=backend)
     if backend == "ref":
         return diag_scan_ref(a, u, h0, reverse)
     if backend == "triton":
@@ -208,15 +208,16 @@ class DiagScan(ScanOp):
     name = "diag"
 
     def __call__(self, a, u, h0=None, reverse=False, reset=None):
-        return diag_scan(_mask(a, reset, reverse), u, h0, reverse)
+        return diag_scan(_mask(a, reset, reverse), u, h0, reverse, self.backend)
 
     def product(self, a, reverse=False, reset=None):
         return _mask(a, reset, reverse).to(acc_dtype(a)).prod(1)
 
     def local(self, a, u, reverse=False, reset=None):
-        if _chunked_path(a, u):
+        backend = resolve_backend(self.name, a, u, backend=self.backend)
+        if backend == "torch":
             return DiagLocal(a, u, reverse, reset)
-        if backend_for(a, u) == "triton":
+        if backend == "triton":
             from .triton import diag_local_triton
             return diag_local_triton(a, u, reverse, transition_mask(reset, reverse), op=self)
         return TwoPassScan(self, a, u, reverse, reset)
@@ -228,7 +229,8 @@ class DiagScan(ScanOp):
         return P * g
 
     def carry(self, a, u, reverse=False, reset=None):
-        return _local_map(self, a, u, reverse, reset) if _native_split(a, u) else super().carry(a, u, reverse, reset)
+        native = resolve_backend(self.name, a, u, backend=self.backend) != "ref"  # the reference does not split
+        return _local_map(self, a, u, reverse, reset) if native else super().carry(a, u, reverse, reset)
 
 
 DIAG = DiagScan()

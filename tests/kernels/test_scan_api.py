@@ -84,11 +84,11 @@ def test_backend_dispatch(backend, monkeypatch):
     monkeypatch.setattr(block_op, "block_scan_ref", lambda *a: calls.append("ref") or K.block_scan_ref(*a))
     for name in ("auto", "torch", "ref"):
         backend(name)
-        assert K.backend_for(A, u) == ("torch" if name == "auto" else name)
+        assert K.resolve_backend("block", A, u) == ("torch" if name == "auto" else name)
         K.block_scan(A, u)
     assert calls == ["torch", "torch", "ref"]
     backend("triton")
-    assert K.backend_for(A, u) == "triton"
+    assert K.resolve_backend("block", A, u) == "triton"
     with pytest.raises(ValueError, match="unknown 'cuda'"):
         backend("cuda")
 
