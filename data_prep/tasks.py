@@ -1,9 +1,11 @@
-"""Synthetic recall and state-tracking tasks, registered with the data loader's task registry
-(llm_lru.data_prep.synthetic) so that the normal trainer trains on them (data.source=synthetic,
-data.task=NAME, data.task_args={...}). Importing this module registers them.
+"""The synthetic tasks' generators (training data for data.source=synthetic, data.task=NAME,
+data.task_args={...}; the eval `task` suite scores a checkpoint on fresh samples of its task).
+`TASKS` names every one of them; llm_lru.data_prep.synthetic samples them and checks their output.
 
 Every task returns tokens (seq_len + 1,) and a loss mask (seq_len,): input position t predicts
 tokens[t + 1], and only the answers are scored.
+
+- `copy`: n random tokens, a separator, the same tokens again (the loader's interface example).
 
 - `mqar` (Zoology, Arora et al. 2023): n key-value pairs, keys from [1, V/2), values from
   [V/2, V), then every key queried once at power-law distributed slots of the rest; 0 fills.
@@ -16,7 +18,7 @@ tokens[t + 1], and only the answers are scored.
 - `word_problem` (group S | A | Z, n): the composition of a sequence of group elements. Layout
   `every` (the paper's, arXiv 2602.12021): one sequence g_1 .. g_L and the prefix product as the
   label of every position (a labelling task: its targets are not the next tokens, see
-  data_prep.synthetic); layout `episodes`: the s3/s5 layout above, one answer per episode.
+  llm_lru.data_prep.synthetic); layout `episodes`: the s3/s5 layout above, one answer per episode.
 - The MAD suite (Poli et al. 2024, "Mechanistic Design and Scaling of Hybrid Architectures"),
   vocabularies laid out as there (keys, then values, then noise, special tokens last):
   `in_context_recall` (key-value pairs with a per-sequence map; multi_query: every value of a key
@@ -31,13 +33,29 @@ from __future__ import annotations
 
 import itertools
 from functools import lru_cache
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, Tuple
 
 import numpy as np
 
-from llm_lru.data_prep.synthetic import register_task
-
 MQAR_FILL = 0
+
+
+def copy_task(rng: np.random.Generator, seq_len: int, vocab_size: int = 16, n: int = 0) -> Dict[str, Any]:
+    """Copy: `n` random tokens from 2..vocab_size-1, separator 1, the same tokens again, 0-padded.
+
+    Only the copied half is scored. n=0 takes the largest n that fits: 2n + 1 <= seq_len + 1.
+    """
+    n = n or seq_len // 2
+    if 2 * n + 1 > seq_len + 1 or n < 1:
+        raise ValueError(f"data.task_args.n: copy of {n} tokens does not fit seq_len {seq_len}")
+    if vocab_size < 3:
+        raise ValueError(f"data.task_args.vocab_size: copy needs >= 3, got {vocab_size}")
+    x = rng.integers(2, vocab_size, size=n)
+    tokens = np.zeros(seq_len + 1, np.int64)
+    tokens[:n], tokens[n], tokens[n + 1: 2 * n + 1] = x, 1, x
+    mask = np.zeros(seq_len, bool)
+    mask[n: 2 * n] = True          # input position t predicts tokens[t+1]: the copy is tokens[n+1 : 2n+1]
+    return {"tokens": tokens, "loss_mask": mask, "doc_starts": None}
 
 
 def mqar(rng: np.random.Generator, seq_len: int, vocab_size: int = 8192, num_kv_pairs: int = 8,
@@ -340,23 +358,8 @@ def memorization(rng: np.random.Generator, seq_len: int, vocab_size: int = 256,
     return {"tokens": tokens, "loss_mask": mask, "doc_starts": None}
 
 
-TASKS = {"mqar": mqar, "s3": s3, "s5": s5, "selective_copy": selective_copy, "word_problem": word_problem,
-         "in_context_recall": in_context_recall, "noisy_recall": noisy_recall, "fuzzy_recall": fuzzy_recall,
-         "compression": compression, "memorization": memorization}
-for _name, _fn in TASKS.items():
-    register_task(_name, _fn)
-
-
-def task_batch(task: str, task_args: Dict[str, Any], seq_len: int, n: int, seed: int,
-               vocab_size: int = 0) -> Dict[str, np.ndarray]:
-    """n samples of a registered task with their own seed stream (split id 2: neither the
-    loader's train (0) nor val (1) samples): tokens (n, L+1), mask (n, L), starts (n, L),
-    targets (n, L) (the labels: tokens[:, 1:] unless the task gives its own)."""
-    from llm_lru.data_prep.synthetic import make_sample
-
-    rows: List[Tuple[np.ndarray, ...]] = []
-    for i in range(n):
-        rng = np.random.default_rng([seed, 2, i])
-        rows.append(make_sample(task, rng, seq_len, task_args, vocab_size, with_targets=True))
-    tokens, mask, starts, targets = (np.stack(x) for x in zip(*rows))
-    return {"tokens": tokens, "mask": mask, "starts": starts, "targets": targets}
+# Every generator by its data.task name. `register_task` (synthetic.py) adds a caller's own, by an
+# explicit call: nothing here registers itself on import.
+TASKS = {"copy": copy_task, "mqar": mqar, "s3": s3, "s5": s5, "selective_copy": selective_copy,
+         "word_problem": word_problem, "in_context_recall": in_context_recall, "noisy_recall": noisy_recall,
+         "fuzzy_recall": fuzzy_recall, "compression": compression, "memorization": memorization}

@@ -1,64 +1,13 @@
-"""The recall lab: task accuracy scoring, sweep expansion, and (slow) a tiny model trained by the
-normal trainer on an easy MQAR setting reaching high accuracy."""
+"""The recall lab (llm_lru.lab): sweep expansion, and (slow) a tiny model trained by the normal
+trainer on an easy MQAR setting reaching high accuracy. Its accuracy measure, the eval `task`
+suite: tests/eval/test_task.py."""
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 
-from llm_lru.eval import recall, tasks
+from llm_lru import lab
 
-from .helpers import tiny_model
-
-SWEEP = Path(__file__).resolve().parents[2] / "configs/sweeps/recall.yaml"
-
-
-class Oracle(torch.nn.Module):
-    """Knows the answer of each scored position of a fixed batch: logits one-hot on the target
-    where `right`, on another token elsewhere (a stand-in whose accuracy is known exactly).
-    labels (n, T): the target of each input position."""
-
-    def __init__(self, labels, right, vocab):
-        super().__init__()
-        self.cfg = type("C", (), {"vocab_size": vocab})()
-        self.embed = torch.nn.Embedding(1, 1)
-        self.labels, self.right, self.vocab, self.row = labels, right, vocab, 0
-
-    def forward(self, ids, doc_start=None, state=None, return_state=False):
-        B, T = ids.shape
-        start = 0 if state is None else state
-        nxt = self.labels[self.row:self.row + B, start:start + T]
-        ok = self.right[self.row:self.row + B, start:start + T]
-        pred = torch.where(ok, nxt, (nxt + 1) % self.vocab)
-        logits = torch.nn.functional.one_hot(pred, self.vocab).float()
-        if start + T == self.labels.shape[1]:
-            self.row += B
-        return (logits, start + T) if return_state else logits
-
-
-@pytest.mark.parametrize("task,args,V,per_sample", [("mqar", {"num_kv_pairs": 4}, 32, 4),
-                                                     ("word_problem", {"group": "A", "n": 4}, 26, 40)])
-def test_task_accuracy_counts_exactly(task, args, V, per_sample):
-    n, T = 10, 40
-    data = tasks.task_batch(task, args, T, n, seed=recall.SPLIT_SEED, vocab_size=V)
-    tok = torch.from_numpy(data["tokens"])
-    if task == "mqar":  # the targets of a next-token task are the next tokens
-        assert (torch.from_numpy(data["targets"]) == tok[:, 1:]).all()
-    rng = np.random.default_rng(0)
-    right = torch.from_numpy(rng.random((n, T)) < 0.6)
-    mask = torch.from_numpy(data["mask"])
-    model = Oracle(torch.from_numpy(data["targets"]), right, V)
-    res = recall.task_accuracy(model, task, args, T, n=n, seed=0, chunk_size=7, batch_size=4)
-    assert res["answers"] == int(mask.sum()) == per_sample * n
-    assert res["accuracy"] == pytest.approx(float(right[mask].float().mean()))
-    assert res["sequence_accuracy"] == pytest.approx(float((right | ~mask).all(1).float().mean()))
-
-
-def test_task_accuracy_on_random_model_is_low_and_well_formed():
-    m = tiny_model(vocab_size=16, n_layers=2, pattern="BA")
-    res = recall.task_accuracy(m, "s3", {"max_len": 8}, 48, n=8)
-    assert 0 <= res["accuracy"] <= 0.5 and res["answers"] > 8
-    assert set(res["accuracy_by_position"]) <= {"[1, 2)", "[2, 4)", "[4, 8)", "[8, 16)"}
+SWEEP = Path(__file__).resolve().parents[1] / "configs/sweeps/recall.yaml"
 
 
 def test_sweep_config_expands_to_valid_runs(tmp_path):
@@ -67,8 +16,8 @@ def test_sweep_config_expands_to_valid_runs(tmp_path):
     sweep = OmegaConf.to_container(OmegaConf.load(SWEEP))
     assert len(sweep["tasks"]) >= 3
     # every mixer on one task, one mixer on every task (config building is slow-ish: omegaconf)
-    runs = recall.sweep_runs({**sweep, "only_tasks": [next(iter(sweep["tasks"]))]}, tmp_path)
-    per_task = recall.sweep_runs({**sweep, "only_mixers": ["glru"]}, tmp_path)
+    runs = lab.sweep_runs({**sweep, "only_tasks": [next(iter(sweep["tasks"]))]}, tmp_path)
+    per_task = lab.sweep_runs({**sweep, "only_mixers": ["glru"]}, tmp_path)
     assert {r["config"].data.task for r in per_task} >= {"mqar", "s3", "s5"}
     mixers = {r["mixer"] for r in runs}
     assert len(runs) == len(sweep["mixers"])
@@ -80,14 +29,14 @@ def test_sweep_config_expands_to_valid_runs(tmp_path):
     assert len({r["config"].out_dir for r in runs}) == len(runs)
     sweep["mixers"]["bad"] = {"model": {"pattern": "Q"}}
     with pytest.raises(ValueError, match="mixer 'bad'"):
-        recall.sweep_runs(sweep, tmp_path)
+        lab.sweep_runs(sweep, tmp_path)
 
 
 def test_paper_sweep_expands_over_seeds(tmp_path):
     from omegaconf import OmegaConf
 
     sweep = OmegaConf.to_container(OmegaConf.load(SWEEP.parent / "paper.yaml"))
-    runs = recall.sweep_runs({**sweep, "only_mixers": ["bdlru_m1", "hlru_m2"]}, tmp_path)
+    runs = lab.sweep_runs({**sweep, "only_mixers": ["bdlru_m1", "hlru_m2"]}, tmp_path)
     seeds = sweep["seeds"]
     assert len(seeds) >= 2 and len(runs) == 2 * len(sweep["tasks"]) * len(seeds)
     assert {(r["seed"], r["config"].train.seed) for r in runs} == {(s, s) for s in seeds}
@@ -96,18 +45,18 @@ def test_paper_sweep_expands_over_seeds(tmp_path):
     assert tasks_["word_problem"]["layout"] == "episodes" and "compression" in tasks_
     assert {r["config"].model.hlru_readout for r in runs if r["mixer"] == "hlru_m2"} == {"state"}
     with pytest.raises(ValueError, match="seeds"):
-        recall.sweep_runs({**sweep, "seeds": ["a"]}, tmp_path)
+        lab.sweep_runs({**sweep, "seeds": ["a"]}, tmp_path)
 
 
 def test_sweep_table_shape():
     rows = [{"task": "s3", "mixer": "glru", "accuracy": 0.5}, {"task": "s3", "mixer": "attn", "error": "x"},
             {"task": "mqar", "mixer": "glru", "accuracy": 0.25}]
-    t = recall.sweep_table(rows)
+    t = lab.sweep_table(rows)
     assert t["columns"] == ["task", "glru", "attn"]
     assert t["rows"] == [["s3", 0.5, None], ["mqar", 0.25, None]]
     # several seeds: the mean of those that ran
     rows.append({"task": "s3", "mixer": "glru", "accuracy": 0.7})
-    assert recall.sweep_table(rows)["rows"][0] == ["s3", 0.6, None]
+    assert lab.sweep_table(rows)["rows"][0] == ["s3", 0.6, None]
 
 
 @pytest.mark.slow
@@ -128,7 +77,7 @@ def test_tiny_model_learns_easy_mqar(tmp_path):
         "train": {"seq_len": 16, "global_batch_size": 32, "max_steps": 3000, "lr": 3e-3, "min_lr": 3e-4,
                   "warmup_steps": 10, "weight_decay": 0.0},
         "logging": {"tensorboard": False, "progress": "lines", "log_every": 100}, "checkpoint": {"keep": 1}})
-    res = recall.train_and_score(cfg, eval_samples=256)
+    res = lab.train_and_score(cfg, eval_samples=256)
     assert res["steps"] == 3000
     assert res["accuracy"] >= 0.8, res
 

@@ -6,8 +6,8 @@ import pytest
 
 from llm_lru.config import from_dict
 from llm_lru.data_prep import build_loader
-from llm_lru.data_prep.synthetic import TASKS, make_sample
-from llm_lru.eval import tasks
+from llm_lru.data_prep import tasks
+from llm_lru.data_prep.synthetic import TASKS, make_sample, task_batch
 
 
 def _rng(i):
@@ -134,9 +134,9 @@ def test_tasks_are_registered_and_load():
 
 
 def test_task_batch_is_seeded_apart():
-    a = tasks.task_batch("s3", {}, 32, 3, seed=1)
-    b = tasks.task_batch("s3", {}, 32, 3, seed=1)
-    c = tasks.task_batch("s3", {}, 32, 3, seed=2)
+    a = task_batch("s3", {}, 32, 3, seed=1)
+    b = task_batch("s3", {}, 32, 3, seed=1)
+    c = task_batch("s3", {}, 32, 3, seed=2)
     assert (a["tokens"] == b["tokens"]).all() and not (a["tokens"] == c["tokens"]).all()
 
 
