@@ -177,9 +177,9 @@ def block_scan_chunked(A: Tensor, u: Tensor, h0: Optional[Tensor] = None, revers
 
 
 class BlockLocal(_Split):
-    """The split block scan (ops.LocalScan): pass 1 in the constructor, the fold and the correction
+    """The split block scan (common.scan.LocalScan): pass 1 in the constructor, the fold and the correction
     in finish; the backward the same way on the adjoint scan. A: (B, T, N, m, m), u: (B, T, N, m),
-    reset: document starts (B, T) or None (masked as ops.BLOCK does)."""
+    reset: document starts (B, T) or None (masked as BLOCK does)."""
 
     def __init__(self, A: Tensor, u: Tensor, reverse: bool = False, reset: Optional[Tensor] = None,
                  chunk: Optional[int] = None):

@@ -3,7 +3,7 @@ BD-LRU entry point that reads gate logits and normalises rows in registers.
 
 One program owns BLOCK_R rows (a row is one (b, n) block), one row per thread, and walks time
 sequentially with the row's m-vector state in that thread's registers (tuples unrolled over m,
-see _common): the loop has no cross-thread reduction; transitions are read once, states written
+see common/triton.py): the loop has no cross-thread reduction; transitions are read once, states written
 once, which is the memory floor. With few rows and long T the time axis is cut into C chunks:
 
   pass 1  every chunk scans from a zero state, keeping only its carry (P_c, s_c):
@@ -295,7 +295,7 @@ class BlockTritonLocal(TritonLocal):
 def block_local_triton(G: Tensor, U: Tensor, reverse: bool = False, reset: Optional[Tensor] = None,
                        norm: Optional[str] = None, op: Optional[ScanOp] = None,
                        chunk: Optional[int] = None) -> LocalScan:
-    """The split block scan (ops.LocalScan). norm=None: G = A (B, T, N, m, m), U = u (B, T, N, m);
+    """The split block scan (common.scan.LocalScan). norm=None: G = A (B, T, N, m, m), U = u (B, T, N, m);
     else G = gate logits (B, T, N, m, m + 1), U = v (the fused BD-LRU). reset (B, T) bool zeroes A_t.
     op: the ScanOp whose apply_t serves LocalGrad.h0_grad (the block layout's by default); chunk: steps per
     chunk (None: automatic on CUDA, one chunk elsewhere)."""

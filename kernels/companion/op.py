@@ -214,8 +214,8 @@ def companion_scan_chunked(a: Tensor, x: Tensor, h0: Optional[Tensor] = None, re
 
 
 class CompanionLocal(_Split):
-    """The split companion scan (ops.LocalScan). a: (B, T, N, m), x: (B, T, N); reset: per-step
-    cuts (B, T) or None (ops.transition_mask of document starts, as companion_scan takes them).
+    """The split companion scan (common.scan.LocalScan). a: (B, T, N, m), x: (B, T, N); reset: per-step
+    cuts (B, T) or None (transition_mask of document starts, as companion_scan takes them).
     Reverse runs forward on flipped time, as companion_scan_chunked does."""
 
     def __init__(self, a: Tensor, x: Tensor, reverse: bool = False, reset: Optional[Tensor] = None,

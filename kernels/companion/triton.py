@@ -82,7 +82,7 @@ def _comp_fwd_kernel(G, X, INIT, Y, LAST, PROD, RST,
             t = step
         tok = (b * T + t) * N + n
         a, x, g, v, a0, P, s, S = _coeff_row(G, X, tok, rmask, M, W, NORM, EPS, ACC)
-        if HAS_RESET:  # a predicate, not a 0/1 float: one register fewer (as block.py's forward)
+        if HAS_RESET:  # a predicate, not a 0/1 float: one register fewer (as block/triton.py's forward)
             cut = tl.load(RST + b * T + t, mask=rmask, other=0) != 0
             kept = ()
             for j in tl.static_range(M):

@@ -149,7 +149,7 @@ def diag_scan_chunked(a: Tensor, u: Tensor, h0: Optional[Tensor] = None, reverse
 
 
 class DiagLocal(_Split):
-    """The split diagonal scan (ops.LocalScan). a, u: (B, T, N); reset: document starts or None."""
+    """The split diagonal scan (common.scan.LocalScan). a, u: (B, T, N); reset: document starts or None."""
 
     def __init__(self, a: Tensor, u: Tensor, reverse: bool = False, reset: Optional[Tensor] = None,
                  chunk: Optional[int] = None):
