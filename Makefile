@@ -50,7 +50,7 @@ test: setup
 test-slow: setup
 	$(PYTHON) -m pytest -q -m slow
 
-# The full AOT grid of the Triton kernels (python -m llm_lru.kernels.triton.aot --full).
+# The full AOT grid of the Triton kernels (python -m llm_lru.kernels.common.aot --full).
 test-aot: setup
 	$(PYTHON) -m pytest -q -m aot_full
 

@@ -17,7 +17,7 @@ import time
 
 import triton
 from triton.runtime import cache as tcache
-from llm_lru.kernels.triton import aot
+from llm_lru.kernels.common import aot
 print("triton", triton.__version__, triton.__file__)
 v = aot.Variant("block_fwd", 4, "softmax", "bf16", False, True)
 fn, constexprs, nw = aot.kernel_spec(v)

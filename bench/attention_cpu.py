@@ -46,7 +46,7 @@ def child(route: str, T: int, window: int) -> dict:
     """One case in this process: build inputs, note RSS, run fwd + bwd, report the peak above it."""
     import torch
     sys.path.insert(0, str(ROOT))
-    from llm_lru.models.attention import dense_attention, local_attention
+    from llm_lru.kernels import dense_attention, local_attention
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(1)
     q = torch.randn(1, H, T, HD, generator=gen).requires_grad_()

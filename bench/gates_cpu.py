@@ -5,7 +5,7 @@ H-LRU (m + 1 per channel), one thread. Writes bench/results/gates_cpu.json and .
     .venv/bin/python bench/gates_cpu.py [--tokens 8192] [--d-model 64] [--repeats 7]
 
 torch's CPU softmax vectorises along the row, so rows of fewer than 8 entries leave most of each
-vector idle; llm_lru.kernels.gates takes such rows through elementwise ops instead. Times are
+vector idle; llm_lru.kernels.normalize_rows takes such rows through elementwise ops instead. Times are
 medians of --repeats after a warm-up, the two paths interleaved so that load hits both alike.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from llm_lru.kernels.gates import normalize_rows  # noqa: E402
+from llm_lru.kernels import normalize_rows  # noqa: E402
 from scan_cpu import interleaved_times  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 RESULTS = ROOT / "bench" / "results"
@@ -67,7 +67,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "gates_cpu.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     lines = [f"# Gate softmax on CPU ({T} tokens, d_model {D}, 1 thread, median of {args.repeats})", "",
-             "Baseline: torch.softmax over the last axis, in the same run. Ours: llm_lru.kernels.gates.normalize_rows"
+             "Baseline: torch.softmax over the last axis, in the same run. Ours: llm_lru.kernels.normalize_rows"
              " (elementwise path for rows shorter than 8; torch.softmax from 8 on).", "",
              "| layer | m | row | fwd torch ms | fwd ours ms | x | fwd+bwd torch ms | fwd+bwd ours ms | x |",
              "|---|---|---|---|---|---|---|---|---|"]

@@ -22,7 +22,7 @@ The loss routes: the head's fused linear cross-entropy, fwd + bwd, on the same h
 weight and labels (B x T tokens, the model's D and V, the model dtype), through each route there
 is here: "chunked" (llm_lru's ChunkedLinearCrossEntropy: bf16 matmuls, fp32 logits one chunk at a
 time) and "fla" (fla's FusedLinearCrossEntropyLoss, CUDA with fla installed). Median time, peak
-memory and loss of each, and "trainer_route": the one llm_lru.models.loss.loss_route picks for
+memory and loss of each, and "trainer_route": the one llm_lru.kernels.loss.op.loss_route picks for
 training on this device, which every model row names too (loss_route).
 
 The JSON is rewritten after the loss routes and after each model, so a run killed at its time
@@ -148,7 +148,7 @@ def measure(name: str, mcfg: ModelConfig, run: RunConfig, args, device: torch.de
                             eps=run.train.eps, weight_decay=run.train.weight_decay,
                             **({"fused": True} if device.type == "cuda" else {"foreach": True}))
     loss_fn, row["loss_path"] = loss_function(model)
-    from llm_lru.models.loss import loss_route
+    from llm_lru.kernels.loss.op import loss_route
     row["loss_route"] = loss_route(device, True)  # the head's route under model.loss in training
     ids, labels, doc_start = make_batch(B, T, mcfg.vocab_size, args.doc_len, device, run.train.seed)
 
@@ -187,7 +187,7 @@ def measure(name: str, mcfg: ModelConfig, run: RunConfig, args, device: torch.de
 
 def loss_routes(mcfg: ModelConfig, args, device: torch.device, chunk_tokens: int) -> Dict:
     """Both loss routes, fwd + bwd, on the same batch: {routes: {name: row}, trainer_route}."""
-    from llm_lru.models.loss import ChunkedLinearCrossEntropy, fla_loss_class, loss_route
+    from llm_lru.kernels.loss.op import ChunkedLinearCrossEntropy, fla_loss_class, loss_route
     dtype = DT[args.dtype]
     M, D, V = args.micro_batch * args.seq_len, mcfg.d_model, mcfg.vocab_size
     g = torch.Generator().manual_seed(0)

@@ -26,7 +26,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from omegaconf import OmegaConf  # noqa: E402
 
-from llm_lru.eval.recall import run_sweep, sweep_table  # noqa: E402
+from llm_lru.lab import run_sweep, sweep_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = "glru"

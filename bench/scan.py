@@ -1,4 +1,4 @@
-"""Scan benchmark: the Triton kernels (llm_lru.kernels.triton) against the memory floor and named
+"""Scan benchmark: the Triton kernels (each op's triton.py in llm_lru.kernels) against the memory floor and named
 baselines, forward and forward+backward. Writes bench/results/scan.json and scan.md.
 
     .venv/bin/python bench/scan.py [--quick] [--dtype bf16|fp32] [--out JSON] [--resume] [--smoke]
@@ -8,7 +8,7 @@ after warm-up) of
   m = 1  diag_scan_triton      vs fla fused_recurrent_hgrn (log-gates, bf16 output)
   m > 1  bdlru_scan_triton (fused gates), hlru_scan_triton, block_scan_triton (A given)
          vs a PyTorch associative (log-depth doubling) scan
-  all    the PyTorch chunked path (our CPU path, llm_lru.kernels.chunked) on the same device
+  all    the PyTorch chunked path (our CPU path, each op's op.py) on the same device
 with the bytes of the byte model (each input read once, each output written once), achieved
 GB/s and the fraction of the measured device-to-device copy bandwidth (2 x bytes / copy time).
 Targets (issue 6): forward >= 0.85 of copy bandwidth for m <= 4, forward+backward >= 0.65.
@@ -38,8 +38,8 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from llm_lru.kernels import chunked
-from llm_lru.kernels.gates import normalize_rows
+from llm_lru import kernels
+from llm_lru.kernels import normalize_rows
 
 HERE = Path(__file__).resolve().parent
 MS = [1, 2, 4, 8]
@@ -138,9 +138,11 @@ def runners(kind: str, device: torch.device, smoke: bool = False, chunk: Optiona
     kernels' chunk length, None for their automatic choice)."""
     out: Dict[str, Callable] = {}
     if device.type == "cuda" or smoke:
-        from llm_lru.kernels import triton as kt
-        fn = {"diag": kt.diag_scan_triton, "block": kt.block_scan_triton,
-              "bdlru": kt.bdlru_scan_triton, "hlru": kt.hlru_scan_triton}[kind]
+        from llm_lru.kernels.block.triton import bdlru_scan_triton, block_scan_triton
+        from llm_lru.kernels.companion.triton import hlru_scan_triton
+        from llm_lru.kernels.diag.triton import diag_scan_triton
+        fn = {"diag": diag_scan_triton, "block": block_scan_triton,
+              "bdlru": bdlru_scan_triton, "hlru": hlru_scan_triton}[kind]
         out["triton"] = fn if chunk is None else (lambda *x, fn=fn: fn(*x, chunk=chunk))
         if kind == "diag" and not smoke:  # fla's kernels need interpreter patches on CPU
             from fla.ops.hgrn import fused_recurrent_hgrn  # ~12 s import: only here
@@ -152,14 +154,14 @@ def runners(kind: str, device: torch.device, smoke: bool = False, chunk: Optiona
             return P[..., :-1], P[..., -1] * v.float()
         pre = (lambda A, u: (A, u)) if kind == "block" else split
         out["torch_assoc"] = lambda G, v: torch_assoc_block_scan(*pre(G, v))
-        out["torch_chunked"] = lambda G, v: chunked.block_scan_chunked(*pre(G, v))
+        out["torch_chunked"] = lambda G, v: kernels.block_scan_chunked(*pre(G, v))
     elif kind == "hlru":
         def hl(G, v):
             P = normalize_rows(G)
-            return chunked.companion_scan_chunked(P[..., :-1], P[..., -1] * v.float())
+            return kernels.companion_scan_chunked(P[..., :-1], P[..., -1] * v.float())
         out["torch_chunked"] = hl
     else:
-        out["torch_chunked"] = chunked.diag_scan_chunked
+        out["torch_chunked"] = kernels.diag_scan_chunked
     return out
 
 

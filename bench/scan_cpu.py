@@ -1,5 +1,5 @@
-"""CPU scan benchmark: the chunked PyTorch path (llm_lru.kernels.chunked) against the sequential
-reference (llm_lru.kernels.reference), forward and forward+backward, and the block path with m = 1
+"""CPU scan benchmark: the chunked PyTorch path (each op's op.py in llm_lru.kernels) against the sequential
+reference (each op's reference.py), forward and forward+backward, and the block path with m = 1
 against the diagonal specialisation. Prints ratios, writes bench/results/scan_cpu.json.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/scan_cpu.py [--quick] [--threads N]
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from llm_lru.kernels import chunked, reference
+from llm_lru import kernels
 
 
 def _best(fn, repeats: int) -> float:
@@ -70,20 +70,20 @@ def cases(quick: bool):
     B = 2 if quick else 4
     T = 256 if quick else 1024
     # a small model's layer (d_state 64), where the reference is bound by per-step overhead
-    yield (f"block m=4 B=1 T={2 * T} N=16", chunked.block_scan_chunked, reference.block_scan_ref,
+    yield (f"block m=4 B=1 T={2 * T} N=16", kernels.block_scan_chunked, kernels.block_scan_ref,
            (_stable(1, 2 * T, 16, 4, 4), torch.randn(1, 2 * T, 16, 4), torch.randn(1, 16, 4)))
     for m in (2, 4, 8):
         N = 128 // m
-        yield (f"block m={m} B={B} T={T} N={N}", chunked.block_scan_chunked, reference.block_scan_ref,
+        yield (f"block m={m} B={B} T={T} N={N}", kernels.block_scan_chunked, kernels.block_scan_ref,
                (_stable(B, T, N, m, m), torch.randn(B, T, N, m), torch.randn(B, N, m)))
     N = 256
-    yield (f"diag B={B} T={T} N={N}", chunked.diag_scan_chunked, reference.diag_scan_ref,
+    yield (f"diag B={B} T={T} N={N}", kernels.diag_scan_chunked, kernels.diag_scan_ref,
            (_stable(B, T, N, 1)[..., 0], torch.randn(B, T, N), torch.randn(B, N)))
     for m in (2, 4):
         N = 64
         reset = torch.rand(B, T) < 0.01
-        comp = lambda a, x, h0, r: chunked.companion_scan_chunked(a, x, h0, False, r)  # noqa: E731
-        ref = lambda a, x, h0, r: reference.companion_scan_ref(a, x, h0, False, r)  # noqa: E731
+        comp = lambda a, x, h0, r: kernels.companion_scan_chunked(a, x, h0, False, r)  # noqa: E731
+        ref = lambda a, x, h0, r: kernels.companion_scan_ref(a, x, h0, False, r)  # noqa: E731
         yield (f"companion m={m} B={B} T={T} N={N} (1% resets)", comp, ref,
                (_stable(B, T, N, m), torch.randn(B, T, N), torch.randn(B, N, m), reset))
 
@@ -109,9 +109,9 @@ def main() -> int:
     # The diagonal specialisation against the block path with m = 1 on the same recurrence.
     B, T, N = (2, 256, 256) if args.quick else (4, 1024, 256)
     a, u, h0 = _stable(B, T, N, 1)[..., 0], torch.randn(B, T, N), torch.randn(B, N)
-    block1 = lambda a, u, h0: chunked.block_scan_chunked(a[..., None, None], u[..., None], h0[..., None])  # noqa: E731
+    block1 = lambda a, u, h0: kernels.block_scan_chunked(a[..., None, None], u[..., None], h0[..., None])  # noqa: E731
     for mode, wrap in (("fwd", _fwd), ("fwd+bwd", _fwd_bwd)):
-        t_diag, t_block = interleaved_times([wrap(chunked.diag_scan_chunked, (a, u, h0)), wrap(block1, (a, u, h0))],
+        t_diag, t_block = interleaved_times([wrap(kernels.diag_scan_chunked, (a, u, h0)), wrap(block1, (a, u, h0))],
                                             3 * args.repeats)
         rows.append({"case": f"diag vs block m=1 B={B} T={T} N={N}", "mode": mode, "diag_s": t_diag,
                      "block_m1_s": t_block, "speedup_vs_block_m1": t_block / t_diag})

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from llm_lru.models.attention import local_attention  # noqa: E402
+from llm_lru.kernels import local_attention  # noqa: E402
 from llm_lru.parallel.attention import SPAttention  # noqa: E402
 from tests.distributed import run_world  # noqa: E402
 

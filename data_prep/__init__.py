@@ -2,7 +2,8 @@
 
 Public API (imported lazily, so that `llm-lru prep` never imports torch):
 - build_loader(run_cfg, split, dp_rank, dp_size, sp_rank, sp_size, batch_size) -> Loader
-- register_task(name, fn): synthetic tasks for data.source=synthetic (see synthetic.py)
+- TASKS, register_task(name, fn), task_batch: the synthetic tasks for data.source=synthetic
+  (generators in tasks.py, sampling in synthetic.py)
 - read_manifest(dir) -> dict; load_tokenizer(dir_or_manifest) -> LoadedTokenizer
 - run_prep(PrepConfig, out, workers) and verify(dir) -> list of problems
 """
@@ -12,7 +13,7 @@ import importlib
 
 _EXPORTS = {
     "build_loader": "loader", "Loader": "loader",
-    "register_task": "synthetic", "TASKS": "synthetic",
+    "register_task": "synthetic", "TASKS": "synthetic", "task_batch": "synthetic", "make_sample": "synthetic",
     "read_manifest": "manifest",
     "load_tokenizer": "tokenizer", "make_tokenizer": "tokenizer", "LoadedTokenizer": "tokenizer",
     "run_prep": "prep", "verify": "prep", "PrepConfig": "prep",

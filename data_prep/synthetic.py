@@ -16,18 +16,20 @@ A task is a function registered under a name:
 `rng` is seeded from (train.seed, split, global sample index), so sample k is the same whatever
 the rank layout and across resumes; the function must draw all randomness from it. If the
 function takes a `vocab_size` argument and task_args has none, model.vocab_size is passed.
-The eval suites register their tasks (MQAR, state tracking) with `register_task`; `copy` is the
-example and the interface test.
+The tasks are the generators of llm_lru.data_prep.tasks (`TASKS`: copy, MQAR, state tracking, the
+MAD suite); `register_task` adds a caller's own under a new name. `task_batch` draws n samples of
+a task on their own seed stream (what the eval `task` suite scores).
 """
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, List, Tuple
 
 import numpy as np
 
+from .tasks import TASKS
+
 TaskFn = Callable[..., Dict[str, Any]]
-TASKS: Dict[str, TaskFn] = {}
 
 
 def register_task(name: str, fn: TaskFn) -> TaskFn:
@@ -38,27 +40,6 @@ def register_task(name: str, fn: TaskFn) -> TaskFn:
     return fn
 
 
-def copy_task(rng: np.random.Generator, seq_len: int, vocab_size: int = 16, n: int = 0) -> Dict[str, Any]:
-    """Copy: `n` random tokens from 2..vocab_size-1, separator 1, the same tokens again, 0-padded.
-
-    Only the copied half is scored. n=0 takes the largest n that fits: 2n + 1 <= seq_len + 1.
-    """
-    n = n or seq_len // 2
-    if 2 * n + 1 > seq_len + 1 or n < 1:
-        raise ValueError(f"data.task_args.n: copy of {n} tokens does not fit seq_len {seq_len}")
-    if vocab_size < 3:
-        raise ValueError(f"data.task_args.vocab_size: copy needs >= 3, got {vocab_size}")
-    x = rng.integers(2, vocab_size, size=n)
-    tokens = np.zeros(seq_len + 1, np.int64)
-    tokens[:n], tokens[n], tokens[n + 1: 2 * n + 1] = x, 1, x
-    mask = np.zeros(seq_len, bool)
-    mask[n: 2 * n] = True          # input position t predicts tokens[t+1]: the copy is tokens[n+1 : 2n+1]
-    return {"tokens": tokens, "loss_mask": mask, "doc_starts": None}
-
-
-register_task("copy", copy_task)
-
-
 def make_sample(name: str, rng: np.random.Generator, seq_len: int, task_args: Dict[str, Any],
                 vocab_size: int = 0, with_targets: bool = False):
     """Run task `name` once and check its output: (tokens (L+1,), loss_mask (L,), doc_start (L,)),
@@ -67,10 +48,6 @@ def make_sample(name: str, rng: np.random.Generator, seq_len: int, task_args: Di
     A caller without with_targets takes tokens[1:] as the labels: a task whose scored targets
     differ from them then stops with a ValueError naming it rather than train on wrong labels.
     """
-    if name not in TASKS:
-        # The recall and state-tracking tasks register themselves in llm_lru.eval.tasks; a fresh
-        # `llm-lru train data.task=mqar` process has not imported it yet.
-        import llm_lru.eval.tasks  # noqa: F401
     if name not in TASKS:
         raise ValueError(f"data.task: unknown synthetic task '{name}' (registered: {', '.join(sorted(TASKS))})")
     fn = TASKS[name]
@@ -116,3 +93,16 @@ def make_sample(name: str, rng: np.random.Generator, seq_len: int, task_args: Di
     if with_targets:
         return tokens.astype(np.int64), mask, starts, targets.astype(np.int64)
     return tokens.astype(np.int64), mask, starts
+
+
+def task_batch(task: str, task_args: Dict[str, Any], seq_len: int, n: int, seed: int,
+               vocab_size: int = 0) -> Dict[str, np.ndarray]:
+    """n samples of a task with their own seed stream (split id 2: neither the
+    loader's train (0) nor val (1) samples): tokens (n, L+1), mask (n, L), starts (n, L),
+    targets (n, L) (the labels: tokens[:, 1:] unless the task gives its own)."""
+    rows: List[Tuple[np.ndarray, ...]] = []
+    for i in range(n):
+        rng = np.random.default_rng([seed, 2, i])
+        rows.append(make_sample(task, rng, seq_len, task_args, vocab_size, with_targets=True))
+    tokens, mask, starts, targets = (np.stack(x) for x in zip(*rows))
+    return {"tokens": tokens, "mask": mask, "starts": starts, "targets": targets}

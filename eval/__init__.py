@@ -7,7 +7,7 @@ Modules (one concept each):
 - prefill:  chunked prefill (constant memory per chunk), token log-probs, greedy decoding
 - load:     a run dir / checkpoint / export folder -> EvalTarget(model, tokenizer, cfg)
 - ppl, passkey, niah, lmeval: the suites; lm_eval_adapter: the lm-evaluation-harness model
-- tasks:    synthetic tasks (mqar, s3, s5, selective_copy) registered with the data loader
-- recall:   task accuracy, training through the normal trainer, sweeps
+- task:     the `task` suite: answer accuracy on a synthetic task (generators: llm_lru.data_prep.tasks)
+The recall lab (training through the normal trainer, sweeps) is llm_lru.lab.
 - haystack, common, report: prompt assembly, tables/plots/progress, report.json/report.md
 """

@@ -1,5 +1,5 @@
 """`llm-lru eval RUN_DIR|CHECKPOINT|EXPORT_DIR --suite a,b --out DIR [eval.key=value ...]`
-and `llm-lru eval --sweep SWEEP.yaml --out DIR` (the recall lab).
+and `llm-lru eval --sweep SWEEP.yaml --out DIR` (the recall lab, llm_lru.lab).
 
 Suites: ppl, passkey, niah, lm-eval, and task | mqar | state-tracking | selective-copy (a
 checkpoint trained on a synthetic task, scored on fresh samples of it). Settings
@@ -33,9 +33,9 @@ from llm_lru.config import ConfigError, EvalConfig
 
 SUITES = {"ppl": ("llm_lru.eval.ppl", "run"), "passkey": ("llm_lru.eval.passkey", "run"),
           "niah": ("llm_lru.eval.niah", "run"), "lm-eval": ("llm_lru.eval.lmeval", "run"),
-          "task": ("llm_lru.eval.recall", "run_suite"), "mqar": ("llm_lru.eval.recall", "run_mqar"),
-          "state-tracking": ("llm_lru.eval.recall", "run_state_tracking"),
-          "selective-copy": ("llm_lru.eval.recall", "run_selective_copy")}
+          "task": ("llm_lru.eval.task", "run_suite"), "mqar": ("llm_lru.eval.task", "run_mqar"),
+          "state-tracking": ("llm_lru.eval.task", "run_state_tracking"),
+          "selective-copy": ("llm_lru.eval.task", "run_selective_copy")}
 # Suites whose loops run through chunked prefill, and so under sequence parallelism.
 SP_SUITES = ("ppl", "passkey", "niah")
 
@@ -180,7 +180,7 @@ def run_sweep_cli(path: str, ecfg: EvalConfig) -> int:
     """Train and score a recall sweep; writes DIR/recall.json and DIR/report.md."""
     import json
 
-    from .recall import run_sweep
+    from llm_lru.lab import run_sweep
     from .report import write_report
 
     if not ecfg.out:

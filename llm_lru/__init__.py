@@ -8,5 +8,5 @@ __version__ = "0.1.0"
 # it (pyproject's package-dir): let `llm_lru.kernels` etc. resolve there too. Installed trees
 # (wheels, `make setup`'s strict editable links) hold them inside and skip this.
 _here = _Path(__file__).parent
-if not (_here / "kernels").is_dir() and (_here.parent / "kernels" / "ops.py").is_file():
+if not (_here / "kernels").is_dir() and (_here.parent / "kernels" / "common" / "scan.py").is_file():
     __path__.append(str(_here.parent))  # noqa: F821 (the package's own search path)

@@ -281,7 +281,7 @@ def plan(cfg: RunConfig, gpus: int, gpu_mem: float, precision: Optional[str] = N
             back = ("backward workspace", top - sum(saved) - sum(kept))
             sp_buf = sum(kept)
         # The forward's end: the final norm's input, output (the head's input) and statistics,
-        # and models/loss.py's gradients of the hidden states (their dtype) and of the head (fp32),
+        # and kernels/loss/op.py's gradients of the hidden states (their dtype) and of the head (fp32),
         # made in forward and held until backward begins, with one chunk of fp32 logits (turned
         # into their gradient in place, and cast to bf16 for the matmuls). The step peaks there
         # or in backward, whichever holds more above what both share.

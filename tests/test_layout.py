@@ -7,6 +7,7 @@ Checked without the import system's hooks: the distribution's editable .pth must
 directory every source file of every package in pyproject's package-dir must sit at its
 `llm_lru...` path and be the repository's own file (a link to it), found by the plain path finder.
 """
+import ast
 import importlib.machinery
 import importlib.metadata
 import tomllib
@@ -65,3 +66,96 @@ def test_kernels_resolve_without_import_hooks():
             assert Path(spec.origin).resolve() == path.resolve(), f"{'.'.join(parts)} -> {spec.origin}, not {path}"
             checked += 1
     assert checked > 20
+
+
+# ---- import cycles ----------------------------------------------------------------------------
+# The trees whose modules must not import each other in a circle (DESIGN.md §5), every import
+# counted, module-level or inside a function: a lazy import only hides a circle until it runs.
+TREES = {"llm_lru.kernels": "kernels", "llm_lru.data_prep": "data_prep", "llm_lru.eval": "eval"}
+
+
+def _tree_modules(root: Path, trees) -> dict:
+    """{module name: (path, is_package)} of every source file under the trees."""
+    out = {}
+    for package, folder in trees.items():
+        for path in sorted((root / folder).rglob("*.py")):
+            rel = path.relative_to(root / folder).with_suffix("")
+            if "__pycache__" in rel.parts:
+                continue
+            parts = package.split(".") + list(rel.parts)
+            is_package = parts[-1] == "__init__"
+            out[".".join(parts[:-1] if is_package else parts)] = (path, is_package)
+    return out
+
+
+def _imported(module: str, is_package: bool, tree: ast.AST, known) -> set:
+    """The modules of `known` that this module's source imports anywhere in it."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = module.split(".") if is_package else module.split(".")[:-1]
+                base = base[: len(base) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            for a in node.names:  # `from pkg import submodule` imports the submodule
+                found.add(f"{target}.{a.name}" if f"{target}.{a.name}" in known else target)
+    return {m for m in found if m in known and m != module}
+
+
+def import_graph(root: Path = REPO, trees=None) -> dict:
+    """{module: set of modules it imports}, over the modules of `trees` ({package: folder})."""
+    mods = _tree_modules(root, trees or TREES)
+    return {name: _imported(name, is_pkg, ast.parse(path.read_text()), mods) for name, (path, is_pkg) in mods.items()}
+
+
+def find_cycle(graph: dict):
+    """One import cycle of the graph as [m0, m1, ..., m0], or None."""
+    state, stack = {}, []
+
+    def visit(m):
+        state[m] = "open"
+        stack.append(m)
+        for n in sorted(graph.get(m, ())):
+            if state.get(n) == "open":
+                return stack[stack.index(n):] + [n]
+            if n not in state:
+                found = visit(n)
+                if found:
+                    return found
+        stack.pop()
+        state[m] = "done"
+        return None
+
+    for m in sorted(graph):
+        if m not in state:
+            found = visit(m)
+            if found:
+                return found
+    return None
+
+
+def test_no_import_cycles():
+    graph = import_graph()
+    assert len(graph) > 10
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_cycle_finder_sees_a_lazy_cycle(tmp_path):
+    """The check itself: a circle closed by an import inside a function is found, and a chain is not."""
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("from .leaf import x\n")
+    (pkg / "sub" / "leaf.py").write_text("x = 1\n")
+    (pkg / "a.py").write_text("from .sub import leaf\n")
+    (pkg / "b.py").write_text("def f():\n    from . import a\n    return a\n")
+    trees = {"top.pkg": "pkg"}
+    assert find_cycle(import_graph(tmp_path, trees)) is None
+    (pkg / "sub" / "leaf.py").write_text("x = 1\n\n\ndef g():\n    from ..b import f\n    return f\n")
+    cycle = find_cycle(import_graph(tmp_path, trees))
+    assert cycle is not None and cycle[0] == cycle[-1] and "top.pkg.b" in cycle and "top.pkg.a" in cycle

@@ -6,10 +6,11 @@ folder) into its modules cache. The model itself is not re-written for the expor
 below are generated copies of llm_lru's own model and kernel sources, with their imports
 rewritten to flat relative ones, so the exported model computes what the training model does.
 
-    llm_lru/models/{layers,attention,recurrent,loss,hybrid}.py -> llm_lru_<name>.py
-    kernels/{ops,gated,gates,chunked,reference,checks}.py  -> llm_lru_kernels_<name>.py
+    llm_lru/models/{attention,recurrent,hybrid}.py          -> llm_lru_<name>.py
+    kernels/common/scan.py, kernels/OP/{op,reference}.py    -> llm_lru_kernels_common_scan.py,
+      (OP: block, diag, companion, attention (+ flex), loss)   llm_lru_kernels_OP_{op,reference}.py
     llm_lru/config.py (ModelConfig and its checks only)     -> llm_lru_config.py
-    _remote_kernels.py (scan dispatch, no Triton)          -> llm_lru_kernels.py
+    _remote_kernels.py (the kernels' public names, no Triton) -> llm_lru_kernels.py
     _remote_configuration.py / _remote_modeling.py         -> configuration_llm_lru.py / modeling_llm_lru.py
 
 An import this table does not cover stops the export with a message naming the file and module
@@ -27,23 +28,19 @@ HERE = Path(__file__).parent
 
 # llm_lru module -> flat module name in the export folder (vendored from the module's source).
 VENDORED: Dict[str, str] = {
-    "llm_lru.models.layers": "llm_lru_layers",
     "llm_lru.models.attention": "llm_lru_attention",
     "llm_lru.models.recurrent": "llm_lru_recurrent",
-    "llm_lru.models.loss": "llm_lru_loss",
     "llm_lru.models.hybrid": "llm_lru_hybrid",
-    "llm_lru.kernels.ops": "llm_lru_kernels_ops",
-    "llm_lru.kernels.gated": "llm_lru_kernels_gated",
-    "llm_lru.kernels.gates": "llm_lru_kernels_gates",
-    "llm_lru.kernels.chunked": "llm_lru_kernels_chunked",
-    "llm_lru.kernels.reference": "llm_lru_kernels_reference",
-    "llm_lru.kernels.checks": "llm_lru_kernels_checks",
+    "llm_lru.kernels.common.scan": "llm_lru_kernels_common_scan",
+    **{f"llm_lru.kernels.{op}.{part}": f"llm_lru_kernels_{op}_{part}"
+       for op in ("block", "diag", "companion", "attention", "loss") for part in ("op", "reference")},
+    "llm_lru.kernels.attention.flex": "llm_lru_kernels_attention_flex",
 }
 # Modules replaced by a smaller stand-in (written from a template or extracted).
 STAND_INS: Dict[str, str] = {"llm_lru.kernels": "llm_lru_kernels", "llm_lru.config": "llm_lru_config"}
 # Imported only inside functions on paths the export never takes (Triton on CUDA): such an
 # import becomes `raise ImportError(...)` in place.
-NOT_BUNDLED = ("llm_lru.kernels.triton",)
+NOT_BUNDLED = tuple(f"llm_lru.kernels.{op}.triton" for op in ("common", "block", "diag", "companion"))
 TEMPLATES = {"_remote_kernels.py": "llm_lru_kernels.py",
              "_remote_configuration.py": "configuration_llm_lru.py",
              "_remote_modeling.py": "modeling_llm_lru.py"}
@@ -107,7 +104,7 @@ def rewrite_imports(src: str, module: str, origin: str, is_package: bool = False
             new = f"from . import {new}"
         elif flat is not None:
             new = f"from .{flat} import {names}"
-        elif target.startswith(NOT_BUNDLED):   # the package and its modules (triton.local, ...)
+        elif target.startswith(NOT_BUNDLED):   # each op's Triton kernels
             if node.col_offset == 0:
                 raise ValueError(f"{origin}: module-level import of {target}, which exports do not bundle")
             new = f"raise ImportError({target + ' is not bundled with exported models'!r})"

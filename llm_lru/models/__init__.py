@@ -1,9 +1,8 @@
-"""Hybrid recurrent / attention language models (no process-group code: parallel/ wraps them)."""
-from .attention import Attention, local_attention
-from .hybrid import Block, HybridLM, ModelState, make_mixer
-from .loss import LMHead, linear_cross_entropy, linear_cross_entropy_reference
-from .recurrent import BDLRU, BLUR, GLRU, HLRU, LRU
+"""Hybrid recurrent / attention language models: layers only (no process-group code: parallel/ wraps
+them; no autograd functions: the ops they call are llm_lru.kernels)."""
+from .attention import Attention, apply_rope
+from .hybrid import Block, HybridLM, LMHead, ModelState, SwiGLU, ffn_width, make_mixer
+from .recurrent import BDLRU, BLUR, GLRU, HLRU, LRU, StateReadout
 
-__all__ = ["HybridLM", "ModelState", "Block", "make_mixer", "Attention", "local_attention",
-           "LMHead", "linear_cross_entropy", "linear_cross_entropy_reference",
-           "LRU", "GLRU", "BDLRU", "HLRU", "BLUR"]
+__all__ = ["HybridLM", "ModelState", "Block", "make_mixer", "SwiGLU", "ffn_width", "LMHead", "Attention", "apply_rope",
+           "LRU", "GLRU", "BDLRU", "HLRU", "BLUR", "StateReadout"]

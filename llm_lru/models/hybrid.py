@@ -1,5 +1,5 @@
-"""The hybrid language model: embedding, a stack of pre-norm residual blocks whose mixers follow
-a pattern of recurrent and attention kinds, a final norm and a (tied) head.
+"""The hybrid language model: embedding, a stack of pre-norm residual blocks (a mixer and a SwiGLU
+MLP) whose mixers follow a pattern of recurrent and attention kinds, a final norm and a (tied) head.
 
     logits = model(input_ids, doc_start)                      # packed sequences
     loss = model.loss(input_ids, labels, doc_start)            # training: no (B, T, V) logits
@@ -14,12 +14,12 @@ from typing import Any, List, Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from llm_lru.config import ModelConfig, layer_kinds, validate_model
+from llm_lru.kernels import DEFAULT_CHUNK_TOKENS, linear_cross_entropy
 
 from .attention import Attention
-from .layers import SwiGLU, ffn_width
-from .loss import DEFAULT_CHUNK_TOKENS, LMHead
 from .recurrent import BDLRU, BLUR, GLRU, HLRU, LRU
 
 
@@ -49,6 +49,24 @@ def make_mixer(cfg: ModelConfig, kind: str) -> nn.Module:
     raise ValueError(f"model.pattern: unknown mixer kind '{kind}'")
 
 
+class SwiGLU(nn.Module):
+    """y = W2 (silu(W1 x) * W3 x). x: (B, T, D)."""
+
+    def __init__(self, d_model: int, ffn_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(d_model, ffn_dim, bias=False)
+        self.w3 = nn.Linear(d_model, ffn_dim, bias=False)
+        self.w2 = nn.Linear(ffn_dim, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+def ffn_width(d_model: int, ffn_dim: int = 0) -> int:
+    """Explicit width, or 8/3 * d_model rounded up to a multiple of 64 (LLaMA convention)."""
+    return ffn_dim or 64 * ((8 * d_model // 3 + 63) // 64)
+
+
 class Block(nn.Module):
     """x + mixer(norm(x)), then x + mlp(norm(x))."""
 
@@ -64,6 +82,24 @@ class Block(nn.Module):
         y, new_state = self.mixer(self.norm1(x), doc_start, state, pos_offset)
         x = x + y
         return x + self.mlp(self.norm2(x)), new_state
+
+
+class LMHead(nn.Linear):
+    """The output projection D -> V (no bias): logits, or with labels the loss above.
+
+    The state-dict key stays `weight`, so checkpoints and exports are unchanged by the loss.
+    """
+
+    def __init__(self, d_model: int, vocab_size: int):
+        super().__init__(d_model, vocab_size, bias=False)
+
+    def forward(self, x: torch.Tensor, labels: Optional[torch.Tensor] = None, reduction: str = "mean",
+                chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
+        """x: (B, T, D) -> logits (B, T, V) fp32; with labels (B, T): the scalar loss (see
+        linear_cross_entropy, ignore index -100)."""
+        if labels is None:
+            return F.linear(x, self.weight).float()
+        return linear_cross_entropy(x, self.weight, labels, reduction, chunk_tokens)
 
 
 class HybridLM(nn.Module):
@@ -123,7 +159,7 @@ class HybridLM(nn.Module):
         With labels (B, T) int64 (labels[:, t] the target of position t, -100 where nothing is
         counted) it returns the cross-entropy instead of the logits: the mean over counted tokens,
         or their sum with loss_reduction='sum'; computed loss_chunk_tokens tokens at a time, so no
-        (B, T, V) logits exist (models/loss.py). This is the training path: the head's weight is
+        (B, T, V) logits exist (llm_lru.kernels.loss). This is the training path: the head's weight is
         used inside the head module's forward, where DeepSpeed ZeRO-3 has gathered it.
         """
         B, T = input_ids.shape

@@ -17,9 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llm_lru.kernels import BLOCK, DIAG
-from llm_lru.kernels.gated import GatedBlockScan, GatedCompanionScan
-from llm_lru.kernels.ops import LocalGrad, LocalScan, ScanOp
+from llm_lru.kernels import BLOCK, DIAG, CompanionLags, GatedBlockScan, GatedCompanionScan
 
 GATE_INITS = ("long_memory", "uniform")
 HLRU_READOUTS = ("state", "last")
@@ -183,109 +181,6 @@ class BDLRU(_GatedMixer):
 
     def init_state(self, batch: int, device=None, dtype=torch.float32) -> torch.Tensor:
         return torch.zeros(batch, self.n, self.m, device=device, dtype=torch.promote_types(dtype, torch.float32))
-
-
-def _lags_of(h0: Optional[torch.Tensor], m: int, like: torch.Tensor) -> torch.Tensor:
-    """The m - 1 values before a slice in time order, (B, m - 1, N), from its initial companion
-    state h0 (B, N, m) with h0[..., k - 1] = y_{-k}; zeros without h0. like: y (B, T, N)."""
-    if h0 is None:
-        return like.new_zeros(like.shape[0], m - 1, like.shape[2])
-    return h0[..., : m - 1].flip(-1).transpose(1, 2).to(like.dtype)
-
-
-class CompanionLags(ScanOp):
-    """A companion-layout op (H-LRU) whose output also holds the m - 1 values before the slice.
-
-        op(trans, u, h0, reverse=False, reset) -> (y_ext (B, m - 1 + T, N), s_last (B, N, m))
-
-    y_ext[:, m - 1 + t] = y_t and y_ext[:, m - 1 - k] = y_{-k} = h0[..., k - 1] (zeros without h0),
-    so the state readout gets every lag by shifting y instead of storing m copies of it. The lags
-    come from h0, so the split scan of sequence parallelism (`local`) gives them from the carry,
-    and their gradient joins dL/dh0. product / apply / carry are the inner op's.
-    """
-
-    def __init__(self, inner: ScanOp, m: int):
-        self.inner, self.m = inner, m
-        self.name = f"{inner.name}_lags"
-
-    def __call__(self, trans, u, h0=None, reverse=False, reset=None):
-        if reverse:
-            raise ValueError("CompanionLags: the H-LRU state readout is causal (reverse=False only)")
-        y, s_last = self.inner(trans, u, h0, reverse, reset)
-        if self.m == 1:
-            return y, s_last
-        return torch.cat([_lags_of(h0, self.m, y), y], 1), s_last
-
-    def prepare(self, trans, u):
-        inner, trans, u = self.inner.prepare(trans, u)
-        return CompanionLags(inner, self.m), trans, u
-
-    def local(self, trans, u, reverse=False, reset=None):
-        if reverse:
-            raise ValueError("CompanionLags: the H-LRU state readout is causal (reverse=False only)")
-        part = self.inner.local(trans, u, reverse, reset)
-        return part if self.m == 1 else _LagsLocal(part, self.m)
-
-    def product(self, trans, reverse=False, reset=None):
-        return self.inner.product(trans, reverse, reset)
-
-    def carry(self, trans, u, reverse=False, reset=None):
-        return self.inner.carry(trans, u, reverse, reset)
-
-    def apply(self, P, h):
-        return self.inner.apply(P, h)
-
-    def apply_t(self, P, g):
-        return self.inner.apply_t(P, g)
-
-    def __repr__(self) -> str:
-        return f"CompanionLags({self.inner!r}, m={self.m})"
-
-
-class _LagsLocal(LocalScan):
-    """CompanionLags' split scan: the inner op's, with the lags taken from h0 at `finish` and
-    their gradient added to dL/dh0 (in `a` too, so a carry's gradient can leave before `finish`)."""
-
-    def __init__(self, part: LocalScan, m: int):
-        self.part, self.m = part, m
-
-    @property
-    def P(self):
-        return self.part.P
-
-    @property
-    def s(self):
-        return self.part.s
-
-    def finish(self, h0):
-        y, h_last = self.part.finish(h0)
-        return torch.cat([_lags_of(h0, self.m, y), y], 1), h_last
-
-    def saved(self):
-        return self.part.saved()
-
-    def adjoint(self, g_h, saved):
-        m = self.m
-        g_y = None if g_h is None else g_h[:, m - 1:]
-        grad = self.part.adjoint(g_y, saved)
-        g_lags = None
-        if g_h is not None:  # y_ext[:, m - 1 - k] = h0[..., k - 1]
-            g_lags = F.pad(g_h[:, : m - 1].transpose(1, 2).flip(-1), (0, 1))
-        return _LagsGrad(grad, g_lags)
-
-
-class _LagsGrad(LocalGrad):
-    def __init__(self, grad: LocalGrad, g_lags: Optional[torch.Tensor]):
-        super().__init__(grad.op, grad.P)
-        self.grad = grad
-        self.g_lags = None if g_lags is None else g_lags.to(grad.a.dtype)
-        self.a = grad.a if g_lags is None else grad.a + self.g_lags
-
-    def finish(self, g_last):
-        g_trans, g_u, g_h0 = self.grad.finish(g_last)
-        if g_h0 is not None and self.g_lags is not None:
-            g_h0 = g_h0 + self.g_lags.to(g_h0.dtype)
-        return g_trans, g_u, g_h0
 
 
 class StateReadout(nn.Linear):

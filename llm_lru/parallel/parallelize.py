@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
-from llm_lru.kernels.ops import ScanOp
+from llm_lru.kernels import ScanOp
 
 from .attention import SPAttention, SPCache
 from .mesh import Mesh

@@ -11,7 +11,7 @@ counts. With c_k the state entering slice k (scan order) and d_k the state leavi
                                   previous document is dropped; forward resets are inside P_k)
     returned h_last = d_{K-1}     the whole sequence's final state, the same on every rank
 
-Every layer runs the op's split scan (kernels.ops: `part = op.local(...)`, `part.finish(c)`) in
+Every layer runs the op's split scan (llm_lru.kernels.common.scan: `part = op.local(...)`, `part.finish(c)`) in
 three steps written out below: the carry-free pass, the exchange, the finish. Backward mirrors
 it: the carry-free adjoint pass (`part.adjoint`) gives a_k = dL/dc_k from the slice's own
 outputs, the exchange gives the gradient at its final state, `grad.finish` writes the rest.
@@ -42,7 +42,7 @@ from typing import Any, List, Optional, Sequence
 
 import torch
 
-from llm_lru.kernels.ops import ScanOp
+from llm_lru.kernels import ScanOp
 
 from .comm import all_gather, all_reduce, broadcast, group_rank, group_size, recv, send, send_async, wait_sends
 

@@ -24,7 +24,7 @@ import torch
 
 from llm_lru.config import RunConfig, check_world, primary_data_path, save_config
 from llm_lru.data_prep.mixture import data_report
-from llm_lru.models.loss import DEFAULT_CHUNK_TOKENS
+from llm_lru.kernels import DEFAULT_CHUNK_TOKENS
 from llm_lru.parallel import Mesh, init_mesh, parallelize
 from llm_lru.parallel.loss import sp_dp_scale
 from llm_lru.train import checkpoint as ckpt_lib

@@ -381,7 +381,7 @@ def test_train_step_loss_routes_time_the_trainers_route_and_match_the_reference(
     """On CPU the chunked route is the trainer's; its loss over several chunks is the full-logits
     reference's on the same batch (rebuilt here from the same seed), and fla is named, not run."""
     import argparse
-    from llm_lru.models.loss import linear_cross_entropy_reference
+    from llm_lru.kernels.loss.reference import linear_cross_entropy_reference
     mod = train_step_module()
     mcfg = mod.load_run(str(ROOT / "configs" / "hybrid-125m.yaml"), smoke=True).model
     mcfg = mod.dataclasses.replace(mcfg, vocab_size=300)

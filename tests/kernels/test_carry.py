@@ -1,5 +1,5 @@
 """Slice carries `op.carry(trans, u, reverse, reset) -> (P, s)` (values only: the native split's
-pass 1 on the chunked path, the one-pass Triton carries that ops.TwoPassScan exchanges for
+pass 1 on the chunked path, the one-pass Triton carries that TwoPassScan exchanges for
 kernels that read h0 first) against the float64 reference:
 P = op.product(...) and s = op(..., h0=None)[1] under the "ref" backend (sequential loops,
 materialised products). Every op, both directions, document starts (at t = 0, inside, at the
@@ -8,8 +8,7 @@ end), m in 1..4 (and 8), T = 1, T a multiple of the chunk and not; the one-pass 
 import pytest
 import torch
 
-from llm_lru.kernels import BLOCK, COMPANION, DIAG, get_backend, set_backend
-from llm_lru.kernels.gated import GatedBlockScan, GatedCompanionScan
+from llm_lru.kernels import BLOCK, COMPANION, DIAG, GatedBlockScan, GatedCompanionScan, get_backend, set_backend
 
 F64 = torch.float64
 

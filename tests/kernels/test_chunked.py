@@ -1,4 +1,4 @@
-"""The chunked PyTorch scans (llm_lru.kernels.chunked) against the float64 sequential references:
+"""The chunked PyTorch scans (each op's op.py in llm_lru.kernels) against the float64 sequential references:
 values and gradients of every input on fresh random inputs, m in 1..8, T = 1 and T not a multiple
 of the chunk, both directions, with and without h0, companion cut masks; gradcheck on small cases;
 fp32 and bf16 inputs; the slice product."""
@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from llm_lru.kernels import chunked, reference
+from llm_lru.kernels import block_product_ref, block_product_tree, block_scan_chunked, block_scan_ref, companion_matrix, companion_product_chunked, companion_scan_chunked, companion_scan_ref, diag_scan_chunked, diag_scan_ref
 
 F64 = torch.float64
 
@@ -49,8 +49,8 @@ def test_block_scan_matches_reference(m, T, reverse, with_h0):
     u = torch.randn(B, T, N, m, dtype=F64, generator=gen)
     h0 = torch.randn(B, N, m, dtype=F64, generator=gen) if with_h0 else None
     # chunk 4: several chunks and a partial last one (13 = 3 * 4 + 1)
-    assert_same(lambda A, u, h0: chunked.block_scan_chunked(A, u, h0, reverse, chunk=4),
-                lambda A, u, h0: reference.block_scan_ref(A, u, h0, reverse), [A, u, h0])
+    assert_same(lambda A, u, h0: block_scan_chunked(A, u, h0, reverse, chunk=4),
+                lambda A, u, h0: block_scan_ref(A, u, h0, reverse), [A, u, h0])
 
 
 @pytest.mark.parametrize("T,reverse,with_h0", list(itertools.product([1, 2, 12, 13, 37], [False, True], [False, True])))
@@ -61,8 +61,8 @@ def test_diag_scan_matches_reference(T, reverse, with_h0):
     u = torch.randn(B, T, N, dtype=F64, generator=gen)
     h0 = torch.randn(B, N, dtype=F64, generator=gen) if with_h0 else None
     for chunk in (None, 4):
-        assert_same(lambda a, u, h0: chunked.diag_scan_chunked(a, u, h0, reverse, chunk=chunk),
-                    lambda a, u, h0: reference.diag_scan_ref(a, u, h0, reverse), [a, u, h0])
+        assert_same(lambda a, u, h0: diag_scan_chunked(a, u, h0, reverse, chunk=chunk),
+                    lambda a, u, h0: diag_scan_ref(a, u, h0, reverse), [a, u, h0])
 
 
 def _cuts(B, T, gen):
@@ -80,8 +80,8 @@ def test_companion_scan_matches_reference(m, T, reverse, with_h0):
     x = torch.randn(B, T, N, dtype=F64, generator=gen)
     h0 = torch.randn(B, N, m, dtype=F64, generator=gen) if with_h0 else None
     for reset in (None, _cuts(B, T, gen)):
-        assert_same(lambda a, x, h0, r: chunked.companion_scan_chunked(a, x, h0, reverse, r, chunk=4),
-                    lambda a, x, h0, r: reference.companion_scan_ref(a, x, h0, reverse, r), [a, x, h0, reset])
+        assert_same(lambda a, x, h0, r: companion_scan_chunked(a, x, h0, reverse, r, chunk=4),
+                    lambda a, x, h0, r: companion_scan_ref(a, x, h0, reverse, r), [a, x, h0, reset])
 
 
 @pytest.mark.parametrize("m", [1, 2, 5])
@@ -93,8 +93,8 @@ def test_companion_longer_chunks_and_short_chunks(m):
     a, x = stable(B, T, N, m, gen=gen), torch.randn(B, T, N, dtype=F64, generator=gen)
     h0, reset = torch.randn(B, N, m, dtype=F64, generator=gen), _cuts(B, T, gen)
     for chunk, reverse in itertools.product((1, 2, None), (False, True)):
-        assert_same(lambda a, x, h0, r: chunked.companion_scan_chunked(a, x, h0, reverse, r, chunk=chunk),
-                    lambda a, x, h0, r: reference.companion_scan_ref(a, x, h0, reverse, r), [a, x, h0, reset])
+        assert_same(lambda a, x, h0, r: companion_scan_chunked(a, x, h0, reverse, r, chunk=chunk),
+                    lambda a, x, h0, r: companion_scan_ref(a, x, h0, reverse, r), [a, x, h0, reset])
 
 
 @pytest.mark.parametrize("m,T", [(1, 1), (2, 7), (3, 8), (4, 13), (16, 3)])
@@ -103,7 +103,7 @@ def test_block_product_matches_reference(m, T):
     A = stable(2, T, 3, m, m, gen=gen)
     for reverse in (False, True):
         Af, Ar = A.clone().requires_grad_(), A.clone().requires_grad_()
-        P, R = chunked.block_product_tree(Af, reverse), reference.block_product_ref(Ar, reverse)
+        P, R = block_product_tree(Af, reverse), block_product_ref(Ar, reverse)
         torch.testing.assert_close(P, R, rtol=1e-12, atol=1e-12)
         w = torch.randn(P.shape, dtype=F64, generator=gen)
         (P * w).sum().backward()
@@ -116,9 +116,9 @@ def test_block_product_is_the_state_map():
     gen = torch.Generator().manual_seed(3)
     A, u, h0 = stable(2, 11, 3, 4, 4, gen=gen), torch.randn(2, 11, 3, 4, dtype=F64), torch.randn(2, 3, 4, dtype=F64)
     for reverse in (False, True):
-        P = chunked.block_product_tree(A, reverse)
-        _, with_h0 = chunked.block_scan_chunked(A, u, h0, reverse, chunk=3)
-        _, without = chunked.block_scan_chunked(A, u, None, reverse, chunk=3)
+        P = block_product_tree(A, reverse)
+        _, with_h0 = block_scan_chunked(A, u, h0, reverse, chunk=3)
+        _, without = block_scan_chunked(A, u, None, reverse, chunk=3)
         torch.testing.assert_close(with_h0, torch.einsum("bnij,bnj->bni", P, h0) + without)
 
 
@@ -132,15 +132,15 @@ def test_gradcheck_small_float64():
     x = torch.randn(B, T, N, dtype=F64, generator=gen, requires_grad=True)
     reset = torch.tensor([[False, False, True, False, False]])
     for reverse in (False, True):
-        assert torch.autograd.gradcheck(lambda A, u, h0: chunked.block_scan_chunked(A, u, h0, reverse, chunk=2),
+        assert torch.autograd.gradcheck(lambda A, u, h0: block_scan_chunked(A, u, h0, reverse, chunk=2),
                                         (A, u, h0))
         assert torch.autograd.gradcheck(
-            lambda a, u, h0: chunked.diag_scan_chunked(a, u, h0, reverse, chunk=2),
+            lambda a, u, h0: diag_scan_chunked(a, u, h0, reverse, chunk=2),
             (A[..., 0, 0].detach().requires_grad_(), u[..., 0].detach().requires_grad_(),
              h0[..., 0].detach().requires_grad_()))
         assert torch.autograd.gradcheck(
-            lambda a, x, h0: chunked.companion_scan_chunked(a, x, h0, reverse, reset, chunk=2), (a, x, h0))
-        assert torch.autograd.gradcheck(lambda A: chunked.block_product_tree(A, reverse), (A,))
+            lambda a, x, h0: companion_scan_chunked(a, x, h0, reverse, reset, chunk=2), (a, x, h0))
+        assert torch.autograd.gradcheck(lambda A: block_product_tree(A, reverse), (A,))
 
 
 def test_h_last_is_the_last_state_in_scan_order():
@@ -149,11 +149,11 @@ def test_h_last_is_the_last_state_in_scan_order():
     a, x = stable(2, 9, 3, 3, gen=gen), torch.randn(2, 9, 3, dtype=F64, generator=gen)
     for reverse in (False, True):
         i = 0 if reverse else -1
-        h, last = chunked.block_scan_chunked(A, u, None, reverse, chunk=4)
+        h, last = block_scan_chunked(A, u, None, reverse, chunk=4)
         assert torch.equal(last, h[:, i])
-        h, last = chunked.diag_scan_chunked(A[..., 0, 0], u[..., 0], None, reverse, chunk=4)
+        h, last = diag_scan_chunked(A[..., 0, 0], u[..., 0], None, reverse, chunk=4)
         assert torch.equal(last, h[:, i])
-        y, s = chunked.companion_scan_chunked(a, x, None, reverse, None, chunk=4)
+        y, s = companion_scan_chunked(a, x, None, reverse, None, chunk=4)
         assert torch.equal(s[..., 0], y[:, i])
         # the rest of the companion state is the previous outputs in scan order
         prev = y[:, i - 1] if not reverse else y[:, 1]
@@ -170,16 +170,16 @@ def test_float32_inputs_against_float64_reference():
     reset = torch.rand(B, T, generator=gen) < 0.02
     tol = dict(rtol=1e-4, atol=1e-4)
     for reverse in (False, True):
-        h, last = chunked.block_scan_chunked(A.float(), u.float(), h0.float(), reverse)
-        rh, rlast = reference.block_scan_ref(A, u, h0, reverse)
+        h, last = block_scan_chunked(A.float(), u.float(), h0.float(), reverse)
+        rh, rlast = block_scan_ref(A, u, h0, reverse)
         assert h.dtype == torch.float32
         torch.testing.assert_close(h.double(), rh, **tol)
         torch.testing.assert_close(last.double(), rlast, **tol)
-        h, _ = chunked.diag_scan_chunked(A[..., 0, 0].float(), u[..., 0].float(), h0[..., 0].float(), reverse)
-        rh, _ = reference.diag_scan_ref(A[..., 0, 0], u[..., 0], h0[..., 0], reverse)
+        h, _ = diag_scan_chunked(A[..., 0, 0].float(), u[..., 0].float(), h0[..., 0].float(), reverse)
+        rh, _ = diag_scan_ref(A[..., 0, 0], u[..., 0], h0[..., 0], reverse)
         torch.testing.assert_close(h.double(), rh, **tol)
-        y, s = chunked.companion_scan_chunked(a.float(), x.float(), h0.float(), reverse, reset)
-        ry, rs = reference.companion_scan_ref(a, x, h0, reverse, reset)
+        y, s = companion_scan_chunked(a.float(), x.float(), h0.float(), reverse, reset)
+        ry, rs = companion_scan_ref(a, x, h0, reverse, reset)
         torch.testing.assert_close(y.double(), ry, **tol)
         torch.testing.assert_close(s.double(), rs, **tol)
 
@@ -191,21 +191,21 @@ def test_bfloat16_inputs_accumulate_in_float32():
     B, T, N, m = 2, 200, 3, 2
     A = stable(B, T, N, m, m, gen=gen).bfloat16().requires_grad_()
     u = torch.randn(B, T, N, m, generator=gen).bfloat16().requires_grad_()
-    h, last = chunked.block_scan_chunked(A, u)
+    h, last = block_scan_chunked(A, u)
     assert h.dtype == torch.float32 and last.dtype == torch.float32
-    rh, _ = reference.block_scan_ref(A.detach().double(), u.detach().double())
+    rh, _ = block_scan_ref(A.detach().double(), u.detach().double())
     torch.testing.assert_close(h.double(), rh, rtol=1e-4, atol=1e-4)
     (h.sum() + last.sum()).backward()
     assert A.grad.dtype == torch.bfloat16 and u.grad.dtype == torch.bfloat16
     a = stable(B, T, N, 3, gen=gen).bfloat16().requires_grad_()
     x = torch.randn(B, T, N, generator=gen).bfloat16().requires_grad_()
-    y, s = chunked.companion_scan_chunked(a, x)
+    y, s = companion_scan_chunked(a, x)
     assert y.dtype == torch.float32 and s.dtype == torch.float32
-    ry, _ = reference.companion_scan_ref(a.detach().double(), x.detach().double())
+    ry, _ = companion_scan_ref(a.detach().double(), x.detach().double())
     torch.testing.assert_close(y.double(), ry, rtol=1e-4, atol=1e-4)
     y.sum().backward()
     assert a.grad.dtype == torch.bfloat16 and x.grad.dtype == torch.bfloat16
-    d, _ = chunked.diag_scan_chunked(A[..., 0, 0].detach(), u[..., 0].detach())
+    d, _ = diag_scan_chunked(A[..., 0, 0].detach(), u[..., 0].detach())
     assert d.dtype == torch.float32
 
 
@@ -218,11 +218,11 @@ def test_companion_product_matches_materialised_product(m, T):
     a = stable(B, T, N, m, gen=gen)
     for reverse, reset in itertools.product((False, True), (None, _cuts(B, T, gen))):
         af, ar = a.clone().requires_grad_(), a.clone().requires_grad_()
-        P = chunked.companion_product_chunked(af, reverse, reset)
-        Cm = reference.companion_matrix(ar)
+        P = companion_product_chunked(af, reverse, reset)
+        Cm = companion_matrix(ar)
         if reset is not None:
             Cm = Cm * (~reset).to(F64)[:, :, None, None, None]
-        R = reference.block_product_ref(Cm, reverse)
+        R = block_product_ref(Cm, reverse)
         torch.testing.assert_close(P, R, rtol=1e-10, atol=1e-10)
         w = torch.randn(P.shape, dtype=F64, generator=gen)
         (P * w).sum().backward()
@@ -239,8 +239,8 @@ def test_mixed_dtypes_and_strided_inputs():
     u = torch.randn(1, T, N, m, generator=gen).bfloat16().expand(B, T, N, m)
     h0 = torch.randn(B, N, m, dtype=F64, generator=gen)
     for reverse in (False, True):
-        h, last = chunked.block_scan_chunked(At, u, h0, reverse, chunk=4)
-        rh, rlast = reference.block_scan_ref(At, u, h0, reverse)
+        h, last = block_scan_chunked(At, u, h0, reverse, chunk=4)
+        rh, rlast = block_scan_ref(At, u, h0, reverse)
         assert h.dtype == rh.dtype == F64
         torch.testing.assert_close(h, rh)
         torch.testing.assert_close(last, rlast)
@@ -255,9 +255,9 @@ def test_backward_keeps_no_per_step_graph():
     h0 = torch.randn(B, N, m, dtype=F64, generator=gen, requires_grad=True)
     a, x = stable(B, T, N, m, gen=gen).requires_grad_(), u[..., 0].detach().requires_grad_()
     ad, hd = A[..., 0, 0].detach().requires_grad_(), h0[..., 0].detach().requires_grad_()
-    runs = [(chunked.block_scan_chunked(A, u, h0)[0], (A, u, h0)),
-            (chunked.diag_scan_chunked(ad, x, hd)[0], (ad, x, hd)),
-            (chunked.companion_scan_chunked(a, x, h0)[0], (a, x, h0))]
+    runs = [(block_scan_chunked(A, u, h0)[0], (A, u, h0)),
+            (diag_scan_chunked(ad, x, hd)[0], (ad, x, hd)),
+            (companion_scan_chunked(a, x, h0)[0], (a, x, h0))]
     for out, leaves in runs:
         node = out.grad_fn
         nexts = [f for f, _ in node.next_functions if f is not None]

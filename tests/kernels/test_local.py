@@ -9,8 +9,10 @@ m in 1..4 and 8 (the batched-matmul path), T = 1 (one chunk), T a multiple of th
 import pytest
 import torch
 
-from llm_lru.kernels import BLOCK, DIAG, chunked, get_backend, set_backend, transition_mask
-from llm_lru.kernels.ops import TwoPassScan
+from llm_lru.kernels import BLOCK, DIAG, TwoPassScan, get_backend, set_backend, transition_mask
+from llm_lru.kernels.block import BlockLocal
+from llm_lru.kernels.companion import CompanionLocal
+from llm_lru.kernels.diag import DiagLocal
 
 from .test_carry import _inputs, _resets
 
@@ -123,8 +125,8 @@ def test_native_split_at_any_chunk(chunk, reverse):
     gen = torch.Generator().manual_seed(chunk * 2 + reverse)
     B, T, N, m = 4, 17, 2, 4
     reset = _resets(B, T, gen)
-    for name, cls in (("block", chunked.BlockLocal), ("diag", chunked.DiagLocal),
-                      ("companion", chunked.CompanionLocal)):
+    for name, cls in (("block", BlockLocal), ("diag", DiagLocal),
+                      ("companion", CompanionLocal)):
         op, trans, u = _inputs(name, B, T, N, m, gen)
         part = cls(trans, u, reverse, transition_mask(reset, reverse) if name == "companion" else reset,
                    chunk=chunk)

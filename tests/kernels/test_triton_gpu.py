@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from llm_lru.kernels import block_scan_ref, companion_scan_ref, diag_scan_ref
-from llm_lru.kernels.gates import bdlru_scan_reference, hlru_scan_reference
+from llm_lru.kernels import bdlru_scan_reference, hlru_scan_reference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 # m = 16 compiles ~270 s a case on sm_90 (bench/gpu_check_budget.py): marked gpu_m16, not gpu
@@ -36,7 +36,7 @@ def _check(fn, ref, inputs, dtype):
 @pytest.mark.parametrize("m", M_GPU)
 @pytest.mark.parametrize("reverse", [False, True])
 def test_block_and_bdlru_real_size(m, reverse, dtype):
-    from llm_lru.kernels.triton import bdlru_scan_triton, block_scan_triton
+    from llm_lru.kernels.block.triton import bdlru_scan_triton, block_scan_triton
     A = torch.rand(B, T, N, m, m)
     A = A / A.sum(-1, keepdim=True) * 0.98
     u, h0 = torch.randn(B, T, N, m), torch.randn(B, N, m)
@@ -53,7 +53,7 @@ def test_block_and_bdlru_real_size(m, reverse, dtype):
 @pytest.mark.parametrize("m", [1, 2, 4, 8])
 @pytest.mark.parametrize("reverse", [False, True])
 def test_companion_and_hlru_real_size(m, reverse, dtype):
-    from llm_lru.kernels.triton import companion_scan_triton, hlru_scan_triton
+    from llm_lru.kernels.companion.triton import companion_scan_triton, hlru_scan_triton
     reset = torch.rand(B, T) < 0.01
     a = torch.rand(B, T, N, m) / m * 0.98
     x, h0 = torch.randn(B, T, N), torch.randn(B, N, m)
@@ -68,7 +68,7 @@ def test_companion_and_hlru_real_size(m, reverse, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_diag_real_size_few_rows_long_T(dtype):
     """Few rows and long T: the automatic two-level (chunked) form carries the state across chunks."""
-    from llm_lru.kernels.triton import diag_scan_triton
+    from llm_lru.kernels.diag.triton import diag_scan_triton
     a = torch.rand(1, 32768, 8) * 0.2 + 0.79
     u, h0 = torch.randn(1, 32768, 8), torch.randn(1, 8)
     _check(lambda a, u, h0: diag_scan_triton(a, u, h0), lambda a, u, h0: diag_scan_ref(a, u, h0), [a, u, h0], dtype)

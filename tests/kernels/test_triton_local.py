@@ -1,4 +1,4 @@
-"""The Triton split-phase scans (kernels/triton/local.py) against the float64 sequential reference,
+"""The Triton split-phase scans (kernels/common/triton.py TritonLocal, per op in each op's triton.py) against the float64 sequential reference,
 through test_local's `_check_split` (the map (P, s), the states from h0, a = dL/dh0 with
 dL/dh_last = 0, a + P^T dL/dh_last, every input's gradient): every op (block m = 1..4, diag,
 companion m = 1..4, the fused BD-LRU / H-LRU), both directions, document starts, one chunk (what
@@ -18,9 +18,10 @@ pytest.importorskip("triton")
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 needs_interpreter = pytest.mark.skipif(not INTERPRET, reason="CPU tensors: Triton runs them only interpreted")
 
-from llm_lru.kernels import BLOCK, DIAG, transition_mask  # noqa: E402
-from llm_lru.kernels.ops import TwoPassScan  # noqa: E402
-from llm_lru.kernels.triton import block_local_triton, companion_local_triton, diag_local_triton  # noqa: E402
+from llm_lru.kernels import BLOCK, DIAG, TwoPassScan, transition_mask  # noqa: E402
+from llm_lru.kernels.block.triton import block_local_triton  # noqa: E402
+from llm_lru.kernels.companion.triton import companion_local_triton  # noqa: E402
+from llm_lru.kernels.diag.triton import diag_local_triton  # noqa: E402
 
 from .test_carry import _inputs, _resets  # noqa: E402
 from .test_local import _check_split, _state, _with_backend  # noqa: E402

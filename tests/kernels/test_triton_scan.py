@@ -11,11 +11,12 @@ if not torch.cuda.is_available():  # the interpreter must be on before any kerne
 
 from llm_lru.kernels import (block_product_ref, block_scan_ref, companion_matrix, companion_scan_ref,  # noqa: E402
                              diag_scan_ref)
-from llm_lru.kernels.gates import (NORMS, bdlru_gates, bdlru_scan_reference, hlru_scan_reference,  # noqa: E402
-                                   normalize_rows)
-from llm_lru.kernels.triton import (bdlru_scan_triton, block_local_triton, block_scan_triton,  # noqa: E402
-                                    companion_local_triton, companion_scan_triton, diag_scan_triton,
-                                    hlru_scan_triton)
+from llm_lru.kernels import (NORMS, bdlru_gates, bdlru_scan_reference, hlru_scan_reference,  # noqa: E402
+                             normalize_rows)
+from llm_lru.kernels.block.triton import bdlru_scan_triton, block_local_triton, block_scan_triton  # noqa: E402
+from llm_lru.kernels.companion.triton import (companion_local_triton, companion_scan_triton,  # noqa: E402
+                                              hlru_scan_triton)
+from llm_lru.kernels.diag.triton import diag_scan_triton  # noqa: E402
 
 
 def block_carry_triton(*args):
@@ -151,7 +152,7 @@ def test_largest_blocks(reverse):
 def test_carry_pass_column_groups(reverse):
     """m = 8: the chunk product's columns are split over two programs (p_columns), for the
     companion scan's two-level form and the block carry of a whole slice (the split's pass 1)."""
-    from llm_lru.kernels.triton._common import p_columns
+    from llm_lru.kernels.common.triton import p_columns
     assert p_columns(8) < 8
     g = torch.Generator().manual_seed(6)
     B, T, N, m = 1, 7, 2, 8
@@ -209,7 +210,7 @@ def test_errors_name_the_input():
 def test_carry_index_bound():
     """The kernels index the (B, C, N, m, m) chunk carries in int32: a launch past that bound is
     refused before anything is allocated, with the sizes named; one just under it is accepted."""
-    from llm_lru.kernels.triton.block import Launch
+    from llm_lru.kernels.common.triton import Launch
     cpu = torch.device("cpu")
     assert Launch(16, 2 ** 16, 127, cpu, chunk=1).C == 127  # 2^16 x 127 x 256 < 2^31
     with pytest.raises(ValueError, match=r"int32 indexing: B \* N = 65536 rows x 128 chunks"):
@@ -220,8 +221,7 @@ def test_carry_index_bound():
 def test_gated_ops_dispatch_to_triton(reverse):
     """The layers' gated ops with backend "triton" (document starts -> cuts, reverse) agree with
     backend "ref": the seam the mixers use, end to end through these kernels."""
-    from llm_lru.kernels import get_backend, set_backend
-    from llm_lru.kernels.gated import GatedBlockScan, GatedCompanionScan
+    from llm_lru.kernels import GatedBlockScan, GatedCompanionScan, get_backend, set_backend
     g = torch.Generator().manual_seed(5)
     B, T, N, m = 2, 9, 2, 2
     starts = torch.rand(B, T, generator=g) < 0.3

@@ -4,10 +4,8 @@ import pytest
 import torch
 
 from llm_lru.config import ConfigError, ModelConfig, from_dict, layer_kinds
-from llm_lru.kernels import BLOCK, COMPANION
-from llm_lru.kernels.gates import normalize_rows
-from llm_lru.models import HybridLM
-from llm_lru.models.layers import ffn_width
+from llm_lru.kernels import BLOCK, COMPANION, normalize_rows
+from llm_lru.models import HybridLM, ffn_width
 
 V = 37
 

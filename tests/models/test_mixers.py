@@ -10,7 +10,7 @@ B, T, D = 2, 11, 12
 
 
 def norm_rows(g, norm):
-    """The paper's row normalisations, written out independently of kernels.gates."""
+    """The paper's row normalisations, written out independently of kernels.common.scan."""
     if norm == "softmax":
         e = torch.exp(g - g.max(-1, keepdim=True).values)
         return e / e.sum(-1, keepdim=True)
@@ -289,42 +289,8 @@ def test_step_mode_and_chunked_prefill_equal_full_forward(kind, selective):
         torch.testing.assert_close(state, last)
 
 
-@pytest.mark.parametrize("backend", ["ref", "torch"])
-@pytest.mark.parametrize("m", [1, 3])
-def test_companion_lags_split_scan_matches_whole_scan(backend, m):
-    """The split scan sequence parallelism runs (local -> finish(h0) -> adjoint -> finish(g_last))
-    gives CompanionLags' outputs and every gradient, dL/dh0 with the lags' share included."""
-    from llm_lru.kernels import COMPANION, set_backend
-    from llm_lru.kernels.ops import get_backend
-    from llm_lru.models.recurrent import CompanionLags
-
-    op = CompanionLags(COMPANION, m)  # ref: the generic TwoPassScan inside; torch: the chunked native split
-    N = 3
-    a = 0.9 * torch.softmax(torch.randn(B, T, N, m), -1)
-    u, h0 = torch.randn(B, T, N), torch.randn(B, N, m)
-    ds = doc_starts(B, T, [6])
-    g_h, g_last = torch.randn(B, T + m - 1, N), torch.randn(B, N, m)
-    old = get_backend()
-    set_backend(backend)
-    try:
-        leaves = [x.clone().requires_grad_() for x in (a, u, h0)]
-        h, h_last = op(*leaves, False, ds)
-        torch.autograd.backward([h, h_last], [g_h, g_last])
-        part = op.local(a, u, False, ds)
-        hp, lp = part.finish(h0)
-        torch.testing.assert_close(hp, h.detach())
-        torch.testing.assert_close(lp, h_last.detach())
-        torch.testing.assert_close(op.apply(part.P, h0) + part.s, h_last.detach())
-        grad = part.adjoint(g_h, part.saved())
-        torch.testing.assert_close(grad.h0_grad(g_last), leaves[2].grad)
-        for got, x in zip(grad.finish(g_last), leaves):
-            torch.testing.assert_close(got, x.grad)
-    finally:
-        set_backend(old)
-
-
 def test_lin_l1_guards_the_all_zero_row():
-    from llm_lru.kernels.gates import normalize_rows
+    from llm_lru.kernels import normalize_rows
 
     mod = BDLRU(D, 4, 2, "lin_l1", gate_init="uniform", selective=False)  # an all-zero logit table
     y, h = mod(torch.randn(B, T, D))

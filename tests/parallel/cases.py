@@ -6,7 +6,7 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
-from llm_lru.kernels.ops import BLOCK, COMPANION, DIAG
+from llm_lru.kernels import BLOCK, COMPANION, DIAG
 
 
 # (name, op, m): every ScanOp layout at the block sizes the SP tests cover.

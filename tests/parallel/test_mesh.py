@@ -66,7 +66,7 @@ def test_loss_is_the_token_mean_in_a_world_of_one():
 @pytest.mark.parametrize("num_tokens,average", [(None, None), (23, 4)])
 def test_scale_of_a_summed_loss_equals_the_loss_of_its_logits(num_tokens, average):
     """sp_dp_scale(sum of token losses, count) is sp_dp_loss without the logits (the training path)."""
-    from llm_lru.models.loss import linear_cross_entropy
+    from llm_lru.kernels import linear_cross_entropy
 
     h = torch.randn(2, 5, 3, requires_grad=True)
     w = torch.randn(7, 3, requires_grad=True)
