@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "build_loader": "loader", "Loader": "loader",
+    "build_loader": "sources", "has_val_split": "sources", "Loader": "loader",
     "register_task": "synthetic", "TASKS": "synthetic", "task_batch": "synthetic", "make_sample": "synthetic",
     "read_manifest": "manifest",
     "load_tokenizer": "tokenizer", "make_tokenizer": "tokenizer", "LoadedTokenizer": "tokenizer",

@@ -393,10 +393,6 @@ def has_val_split(run_cfg) -> bool:
     d = run_cfg.data
     if d.source != "shards":
         return True
-    if d.sources:
-        from llm_lru.data_prep.mixture import has_val_split as mixture_has_val
-
-        return mixture_has_val(d)
     if d.val_path:
         _manifest("data.val_path", d.val_path)
         return True
@@ -410,22 +406,31 @@ def ignored_signals(run_cfg) -> Tuple[str, ...]:
     return tuple(dict.fromkeys([*names, "SIGINT"]))
 
 
+def layout_of(run_cfg, split: str, dp_rank: int, dp_size: int, sp_rank: int, sp_size: int,
+              batch_size: Optional[int]) -> Layout:
+    """Where a loader of `split` sits (batch_size: sequences per DP rank per micro step; default
+    train.global_batch_size // dp_size), checked."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got '{split}'")
+    t = run_cfg.train
+    B = batch_size if batch_size is not None else t.global_batch_size // dp_size
+    lay = Layout(dp_rank, dp_size, sp_rank, sp_size, B, t.seq_len)
+    lay.check()
+    return lay
+
+
 def build_loader(run_cfg, split: str = "train", dp_rank: int = 0, dp_size: int = 1, sp_rank: int = 0,
                  sp_size: int = 1, batch_size: Optional[int] = None) -> Loader:
     """The loader of one DP rank for `split` ("train" | "val"); see the module docstring.
 
     batch_size: sequences per DP rank per micro step; default train.global_batch_size // dp_size.
-    Shards: data.path (split "val": data.val_path if set, else data.path's val split), or the
-    weighted mixture of data.sources (data_prep/mixture.py). Its worker processes ignore the run's
-    save signals (see _ignore_signals).
+    Shards: data.path (split "val": data.val_path if set, else data.path's val split); the weighted
+    mixture of data.sources is sources.py's. Its worker processes ignore the run's save signals
+    (see _ignore_signals).
     """
-    if split not in ("train", "val"):
-        raise ValueError(f"split must be 'train' or 'val', got '{split}'")
     d, t = run_cfg.data, run_cfg.train
-    B = batch_size if batch_size is not None else t.global_batch_size // dp_size
-    lay = Layout(dp_rank, dp_size, sp_rank, sp_size, B, t.seq_len)
-    lay.check()
-    seed = t.seed
+    lay = layout_of(run_cfg, split, dp_rank, dp_size, sp_rank, sp_size, batch_size)
+    B, seed = lay.batch_size, t.seed
     vocab = run_cfg.model.vocab_size
     if d.source in ("random", "synthetic"):
         if d.source == "random" and vocab < 1:
@@ -437,9 +442,7 @@ def build_loader(run_cfg, split: str = "train", dp_rank: int = 0, dp_size: int =
     if d.source != "shards":
         raise ValueError(f"data.source: must be shards, random or synthetic, got '{d.source}'")
     if d.sources:
-        from llm_lru.data_prep.mixture import build_mixture_loader
-
-        return build_mixture_loader(run_cfg, split, lay)
+        raise ValueError("data.sources: a mixture is built by llm_lru.data_prep.build_loader (sources.py)")
     key = "data.path"
     folder = d.path
     if split == "val" and d.val_path:

@@ -18,7 +18,7 @@ Interruption: SIGTERM (SLURM, a node shutdown, `kill`) stops a prep as Ctrl-C do
 process: the pool is terminated, unfinished `*.tmp` shard files are removed, and the resume state
 stays (a first one is written before any shard). A shard only gets its name by a rename after
 its last byte, and the manifest, written last, is what makes the folder readable: an interrupted
-folder never looks complete. Pool workers ignore SIGINT: the main process decides.
+folder never looks complete. Pool workers ignore SIGINT and SIGTERM: the main process decides.
 """
 from __future__ import annotations
 
@@ -230,9 +230,12 @@ _BYTES = False
 
 def _init_worker(tokenizer_file: str, kind: str) -> None:
     global _TOK, _BYTES
-    if mp.parent_process() is not None:   # a pool worker: Ctrl-C is the main process's to handle,
+    if mp.parent_process() is not None:
+        # A pool worker ignores Ctrl-C and SIGTERM: the main process decides (and ends the pool with
+        # SIGKILL, _stop_pool). A worker killed by a signal while it waits for a task holds the
+        # pool's queue lock for good, and Pool.terminate() then waits for that lock forever.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)   # and SIGTERM ends it quietly (Pool.terminate too)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _TOK = from_path(tokenizer_file)
     _BYTES = kind == "bytes"
@@ -441,10 +444,17 @@ def _run(cfg: PrepConfig, conf: Dict[str, Any], out: Path, tasks: List[corpus.Ta
             w.flush()
     finally:
         if pool:
-            pool.terminate()
+            _stop_pool(pool)
         if bar:
             bar.close()
     return _finish(cfg, conf, out, command, tok_rec, dtype, stats, packers, writers)
+
+
+def _stop_pool(pool) -> None:
+    """Pool.terminate(), whose per-worker SIGTERM the workers ignore: SIGKILL them instead."""
+    for worker in pool._pool:       # multiprocessing's list of the pool's processes
+        worker.terminate = worker.kill
+    pool.terminate()
 
 
 def _bounded_imap(pool, fn, jobs, depth: int):

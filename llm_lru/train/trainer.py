@@ -96,7 +96,7 @@ def make_loader(cfg: RunConfig, split: str, dp_rank: int, dp_size: int, sp_rank:
 
 def has_validation_data(cfg: RunConfig) -> bool:
     """Whether make_loader(cfg, "val", ...) has data to read (a missing data.val_path raises)."""
-    from llm_lru.data_prep.loader import has_val_split
+    from llm_lru.data_prep.sources import has_val_split
 
     return has_val_split(cfg)
 

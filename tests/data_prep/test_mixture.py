@@ -120,7 +120,7 @@ def test_weights_may_change_on_resume_sources_continue(two_sources):
 def test_validation_mixes_each_sources_val_split(two_sources):
     root, refs = two_sources
     cfg = mix_cfg(root)
-    from llm_lru.data_prep.loader import has_val_split
+    from llm_lru.data_prep.sources import has_val_split
 
     assert has_val_split(cfg)
     val = build_loader(cfg, split="val")
