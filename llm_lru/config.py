@@ -26,8 +26,13 @@ DEFAULT_KINDS: Dict[str, str] = {
 }
 MIXER_KINDS = ("attn", "swa", "lru", "glru", "bdlru", "hlru", "blur")
 RECURRENT_KINDS = ("lru", "glru", "bdlru", "hlru", "blur")
-GATE_NORMS = ("softmax", "sigmoid", "relu", "tanh", "lin_l1")
-MAX_BLOCK_SIZE = 16
+# The kernels check gate normalisations and block sizes themselves (they import nothing of the
+# project): their lists are the one definition, named here for the config.
+from llm_lru.kernels.common.scan import MAX_BLOCK_SIZE, NORMS as GATE_NORMS  # noqa: E402
+GATE_INITS = ("long_memory", "uniform")            # llm_lru/models/recurrent.py
+HLRU_READOUTS = ("state", "last")                  # H-LRU's readout: all m lagged values, or the last one
+CARRIES = ("allgather", "ring")                    # SP carry exchange (llm_lru/parallel/scan.py)
+PROCESS_GROUP_BACKENDS = ("auto", "gloo", "nccl")  # llm_lru/parallel/mesh.py
 SCHEDULES = ("cosine", "wsd", "linear", "constant")     # llm_lru/train/schedule.py
 DECAY_SHAPES = ("linear", "cosine", "1-sqrt")
 # Model fields added after runs and exports existed: a saved config (a checkpoint's config.yaml,
@@ -324,8 +329,9 @@ def validate_model(m: ModelConfig, key: str = "model") -> None:
         _need(0 < m.lru_r_min < m.lru_r_max < 1, f"{key}.lru_r_min", f"need 0 < lru_r_min < lru_r_max < 1, got {m.lru_r_min}, {m.lru_r_max}")
     _need(m.gate_norm in GATE_NORMS, f"{key}.gate_norm", f"unknown '{m.gate_norm}' (one of {', '.join(GATE_NORMS)})")
     # Choices spelled out here: the export vendors validate_model with a fixed list of names.
-    _need(m.gate_init in ("long_memory", "uniform"), f"{key}.gate_init", f"unknown '{m.gate_init}' (long_memory or uniform)")
-    _need(m.hlru_readout in ("state", "last"), f"{key}.hlru_readout", f"unknown '{m.hlru_readout}' (state or last)")
+    _need(m.gate_init in GATE_INITS, f"{key}.gate_init", f"unknown '{m.gate_init}' (one of {', '.join(GATE_INITS)})")
+    _need(m.hlru_readout in HLRU_READOUTS, f"{key}.hlru_readout",
+          f"unknown '{m.hlru_readout}' (one of {', '.join(HLRU_READOUTS)})")
     if used & {"attn", "swa"}:
         _need(m.n_heads > 0 and m.d_model % m.n_heads == 0, f"{key}.n_heads", f"must divide d_model={m.d_model}, got {m.n_heads}")
         n_kv = m.n_kv_heads or m.n_heads
@@ -342,8 +348,9 @@ def validate(run: RunConfig) -> None:
     validate_model(run.model)
     p, t, d = run.parallel, run.train, run.data
     _need(p.sp >= 1, "parallel.sp", f"must be >= 1, got {p.sp}")
-    _need(p.carry in ("allgather", "ring"), "parallel.carry", f"must be allgather or ring, got '{p.carry}'")
-    _need(p.backend in ("auto", "gloo", "nccl"), "parallel.backend", f"must be auto, gloo or nccl, got '{p.backend}'")
+    _need(p.carry in CARRIES, "parallel.carry", f"must be one of {', '.join(CARRIES)}, got '{p.carry}'")
+    _need(p.backend in PROCESS_GROUP_BACKENDS, "parallel.backend",
+          f"must be one of {', '.join(PROCESS_GROUP_BACKENDS)}, got '{p.backend}'")
     _need(t.seq_len >= 2, "train.seq_len", f"must be >= 2, got {t.seq_len}")
     _need(t.seq_len % p.sp == 0, "train.seq_len", f"{t.seq_len} is not divisible by parallel.sp={p.sp}")
     _need(t.global_batch_size >= 1, "train.global_batch_size", f"must be >= 1, got {t.global_batch_size}")

@@ -45,10 +45,11 @@ TEMPLATES = {"_remote_kernels.py": "llm_lru_kernels.py",
              "_remote_configuration.py": "configuration_llm_lru.py",
              "_remote_modeling.py": "modeling_llm_lru.py"}
 # What llm_lru_config.py keeps of llm_lru/config.py (no omegaconf, no run sections).
-CONFIG_NAMES = ("DEFAULT_KINDS", "MIXER_KINDS", "RECURRENT_KINDS", "GATE_NORMS", "MAX_BLOCK_SIZE",
+CONFIG_NAMES = ("DEFAULT_KINDS", "MIXER_KINDS", "RECURRENT_KINDS", "GATE_INITS", "HLRU_READOUTS",
                 "LEGACY_MODEL_DEFAULTS", "ModelConfig", "ConfigError", "layer_kinds", "_need", "validate_model")
 CONFIG_HEADER = ("from __future__ import annotations\n\nfrom dataclasses import dataclass, field\n"
-                 "from typing import Any, Dict, List, Optional\n")
+                 "from typing import Any, Dict, List, Optional\n\n"
+                 "from .llm_lru_kernels_common_scan import MAX_BLOCK_SIZE, NORMS as GATE_NORMS\n")
 
 
 def source_revision() -> str:

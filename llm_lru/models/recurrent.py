@@ -17,10 +17,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from llm_lru.config import GATE_INITS, HLRU_READOUTS
 from llm_lru.kernels import BLOCK, DIAG, CompanionLags, GatedBlockScan, GatedCompanionScan
 
-GATE_INITS = ("long_memory", "uniform")
-HLRU_READOUTS = ("state", "last")
 # The paper's gate start (arXiv 2602.12021, gate_init=uniform): weights N(0, UNIFORM_STD), zero biases.
 UNIFORM_STD = 0.02
 # long_memory: the logit of each state's own past starts this much above the others.

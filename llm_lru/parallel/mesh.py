@@ -20,13 +20,14 @@ from typing import Any, List, Optional
 import torch
 import torch.distributed as dist
 
-BACKENDS = ("auto", "gloo", "nccl")
+from llm_lru.config import PROCESS_GROUP_BACKENDS
+
 
 
 def resolve_backend(backend: str = "auto") -> str:
     """'auto' -> nccl when CUDA is available, gloo otherwise."""
-    if backend not in BACKENDS:
-        raise ValueError(f"parallel.backend: must be one of {', '.join(BACKENDS)}, got '{backend}'")
+    if backend not in PROCESS_GROUP_BACKENDS:
+        raise ValueError(f"parallel.backend: must be one of {', '.join(PROCESS_GROUP_BACKENDS)}, got '{backend}'")
     if backend == "auto":
         return "nccl" if torch.cuda.is_available() else "gloo"
     return backend

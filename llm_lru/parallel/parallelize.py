@@ -71,7 +71,23 @@ def apply_sp(model: nn.Module, mesh: Mesh, carry: str = "allgather", final_state
                 cache = cache.inner
             if cache is not None and callable(cache):
                 setattr(module, "extend_cache", SPCache(cache, mesh.sp_group))
+    _check_every_mixer_wrapped(model, mesh.sp)
     return model
+
+
+def _check_every_mixer_wrapped(model: nn.Module, sp: int) -> None:
+    """Refuse a model whose block mixer has no seam SP wrapped: a mixer that calls a kernel directly
+    would scan each slice from a zero state (or attend within its slice), silently wrong."""
+    for i, block in enumerate(getattr(model, "layers", ())):
+        mixer = getattr(block, "mixer", None)
+        if mixer is None:
+            continue
+        wrapped = any(isinstance(m.__dict__.get("scan"), SPScan) or isinstance(m.__dict__.get("attend"), SPAttention)
+                      for m in mixer.modules())
+        if not wrapped:
+            raise ValueError(f"parallel.sp={sp}: layers.{i}.mixer ({type(mixer).__name__}) has no scan or attend "
+                             "seam for sequence parallelism to wrap: its slices would not see each other. Give it "
+                             "a `scan` (a kernels ScanOp) or `attend` seam, or train it with parallel.sp=1")
 
 
 def apply_activation_checkpointing(model: nn.Module) -> nn.Module:

@@ -42,12 +42,12 @@ from typing import Any, List, Optional, Sequence
 
 import torch
 
+from llm_lru.config import CARRIES
 from llm_lru.kernels import ScanOp
 
 from .comm import all_gather, all_reduce, broadcast, group_rank, group_size, recv, send, send_async, wait_sends
 
 Tensor = torch.Tensor
-CARRIES = ("allgather", "ring")
 
 
 def _order(rank: int, k: int, reverse: bool) -> int:

@@ -19,16 +19,6 @@ from llm_lru.kernels.companion.triton import (companion_local_triton, companion_
 from llm_lru.kernels.diag.triton import diag_scan_triton  # noqa: E402
 
 
-def block_carry_triton(*args):
-    """(P, s) of a slice: the carry-free pass of the Triton split scan."""
-    part = block_local_triton(*args)
-    return part.P, part.s
-
-
-def companion_carry_triton(*args):
-    part = companion_local_triton(*args)
-    return part.P, part.s
-
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -163,7 +153,8 @@ def test_carry_pass_column_groups(reverse):
                  lambda a, x, h0, r: companion_scan_ref(a, x, h0, reverse, r), [a, x, h0, reset], torch.float32,
                  TOL[torch.float32])
     A, u = torch.randn(B, T, N, m, m, generator=g) / m, torch.randn(B, T, N, m, generator=g)
-    P, s = block_carry_triton(A, u, reverse, reset)
+    part = block_local_triton(A, u, reverse, reset)   # the carry-free pass: the slice map (P, s)
+    P, s = part.P, part.s
     Ac = A.double() * (~reset).double()[:, :, None, None, None]
     torch.testing.assert_close(P.double(), block_product_ref(Ac, reverse), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(s.double(), block_scan_ref(Ac, u.double(), None, reverse)[1], rtol=1e-5, atol=1e-5)
@@ -178,14 +169,16 @@ def test_slice_carries(reverse):
     reset = torch.rand(B, T, generator=g) < 0.2
     G, v = torch.randn(B, T, N, m, m + 1, generator=g), torch.randn(B, T, N, m, generator=g)
     h0 = torch.randn(B, N, m, generator=g)
-    P, s = block_carry_triton(G, v, reverse, reset, "softmax")
+    part = block_local_triton(G, v, reverse, reset, "softmax")
+    P, s = part.P, part.s
     A, u = bdlru_gates(G.double(), v.double(), "softmax", reset)
     torch.testing.assert_close(P.double(), block_product_ref(A, reverse), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(s.double(), block_scan_ref(A, u, None, reverse)[1], rtol=1e-5, atol=1e-5)
     h_last = bdlru_scan_triton(G, v, h0, reverse, reset)[1]
     torch.testing.assert_close(h_last, torch.einsum("bnij,bnj->bni", P, h0) + s, rtol=1e-5, atol=1e-5)
     L = torch.randn(B, T, N, m + 1, generator=g)
-    P, s = companion_carry_triton(L, v[..., 0], reverse, reset, "tanh")
+    part = companion_local_triton(L, v[..., 0], reverse, reset, "tanh")
+    P, s = part.P, part.s
     Pn = normalize_rows(L.double(), "tanh")
     C = companion_matrix(Pn[..., :m]) * (~reset).double()[:, :, None, None, None]
     torch.testing.assert_close(P.double(), block_product_ref(C, reverse), rtol=1e-5, atol=1e-6)

@@ -82,3 +82,28 @@ def test_scale_of_a_summed_loss_equals_the_loss_of_its_logits(num_tokens, averag
     torch.testing.assert_close(value, ref_value)
     for a, b in zip(torch.autograd.grad(loss, (h, w)), ref_grads):
         torch.testing.assert_close(a, b)
+
+
+def test_apply_sp_refuses_a_mixer_it_cannot_wrap():
+    """A mixer that calls a kernel directly (no scan / attend seam) would scan each SP slice from a
+    zero state: apply_sp names the layer instead of wrapping the rest and going on."""
+    import pytest
+    import torch.nn as nn
+
+    from llm_lru.config import ModelConfig
+    from llm_lru.models import HybridLM
+    from llm_lru.parallel import apply_sp
+    from llm_lru.parallel.mesh import Mesh
+
+    mesh = Mesh(world_size=2, rank=0, dp=1, sp=2, backend="gloo")   # wrapping talks to no one
+    cfg = ModelConfig(vocab_size=16, d_model=8, n_layers=2, pattern="BA", n_heads=2, block_size=2)
+    apply_sp(HybridLM(cfg), mesh)                                    # every mixer has its seam
+
+    class Direct(nn.Module):
+        def forward(self, x, doc_start=None, state=None, pos_offset=0):
+            return x, state
+
+    model = HybridLM(cfg)
+    model.layers[1].mixer = Direct()
+    with pytest.raises(ValueError, match=r"layers\.1\.mixer \(Direct\) has no scan or attend seam"):
+        apply_sp(model, mesh)
