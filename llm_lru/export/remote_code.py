@@ -6,8 +6,9 @@ folder) into its modules cache. The model itself is not re-written for the expor
 below are generated copies of llm_lru's own model and kernel sources, with their imports
 rewritten to flat relative ones, so the exported model computes what the training model does.
 
-    llm_lru/models/{layers,attention,recurrent,loss,hybrid}.py -> llm_lru_<name>.py
+    llm_lru/models/{layers,attention,recurrent,baselines,loss,hybrid}.py -> llm_lru_<name>.py
     kernels/{ops,gated,gates,chunked,reference,checks}.py  -> llm_lru_kernels_<name>.py
+    kernels/delta/{__init__,reference,torch_forms}.py      -> llm_lru_kernels_delta[_<name>].py
     llm_lru/config.py (ModelConfig and its checks only)     -> llm_lru_config.py
     _remote_kernels.py (scan dispatch, no Triton)          -> llm_lru_kernels.py
     _remote_configuration.py / _remote_modeling.py         -> configuration_llm_lru.py / modeling_llm_lru.py
@@ -32,12 +33,16 @@ VENDORED: Dict[str, str] = {
     "llm_lru.models.recurrent": "llm_lru_recurrent",
     "llm_lru.models.loss": "llm_lru_loss",
     "llm_lru.models.hybrid": "llm_lru_hybrid",
+    "llm_lru.models.baselines": "llm_lru_baselines",
     "llm_lru.kernels.ops": "llm_lru_kernels_ops",
     "llm_lru.kernels.gated": "llm_lru_kernels_gated",
     "llm_lru.kernels.gates": "llm_lru_kernels_gates",
     "llm_lru.kernels.chunked": "llm_lru_kernels_chunked",
     "llm_lru.kernels.reference": "llm_lru_kernels_reference",
     "llm_lru.kernels.checks": "llm_lru_kernels_checks",
+    "llm_lru.kernels.delta": "llm_lru_kernels_delta",
+    "llm_lru.kernels.delta.reference": "llm_lru_kernels_delta_reference",
+    "llm_lru.kernels.delta.torch_forms": "llm_lru_kernels_delta_torch_forms",
 }
 # Modules replaced by a smaller stand-in (written from a template or extracted).
 STAND_INS: Dict[str, str] = {"llm_lru.kernels": "llm_lru_kernels", "llm_lru.config": "llm_lru_config"}
@@ -159,7 +164,8 @@ def generate_files(rev: Optional[str] = None) -> Dict[str, str]:
     for module, flat in VENDORED.items():
         path = _module_file(module)
         origin = f"{module.replace('.', '/')}.py"
-        files[f"{flat}.py"] = _header(origin, rev) + rewrite_imports(path.read_text(), module, str(path))
+        files[f"{flat}.py"] = _header(origin, rev) + rewrite_imports(path.read_text(), module, str(path),
+                                                                     is_package=path.name == "__init__.py")
     files["llm_lru_config.py"] = extract_config(rev)
     for template, name in TEMPLATES.items():
         files[name] = _header(f"llm_lru/export/{template}", rev) + (HERE / template).read_text()
