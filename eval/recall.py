@@ -142,7 +142,8 @@ def train_and_score(cfg, eval_samples: int = 256, seed: int = 0,
         res["by_length"] = length_scores(target.model, cfg.data.task, args, list(eval_lengths), eval_samples, seed)
     last = _last_metrics(Path(cfg.out_dir))
     return {**res, "train_seconds": train_s, "steps": summary["step"], "final_loss": last.get("loss"),
-            "params": target.model.num_params(), "seconds": time.time() - t0}
+            "params": target.model.num_params(), "seconds": time.time() - t0,
+            "preempted": bool(summary.get("preempted"))}
 
 
 def _last_metrics(run_dir: Path) -> Dict[str, Any]:
@@ -291,6 +292,8 @@ def _run_one(r: Dict[str, Any], eval_samples: int) -> Dict[str, Any]:
         row.update(train_and_score(r["config"], eval_samples, eval_lengths=r["eval_lengths"]))
     except Exception as e:
         row["error"] = f"{type(e).__name__}: {e}"
+    if row.get("preempted"):  # a save signal stopped training: not a result (a resume reruns it)
+        row["error"] = f"stopped by a save signal at step {row['steps']} of {row['max_steps']}"
     return row
 
 
@@ -318,7 +321,8 @@ def run_sweep(sweep: Dict[str, Any], out_dir: Path, eval_samples: int = 256,
     has no error and the same config hash is kept, not rerun. Cells run seed by seed (every
     cell's first seed before any second), so a partial table covers every cell. on_result(rows)
     is called after each run with the rows so far in sweep order; log gets a line per run with
-    an estimate of the time left.
+    an estimate of the time left. A save signal (SIGTERM, SIGUSR1: the trainer's) stops the sweep
+    after the cell it cut short, which is recorded as an error and rerun on resume.
     """
     runs = sweep_runs(sweep, out_dir)
     order = {_key(_row_head(r)): i for i, r in enumerate(runs)}
@@ -353,7 +357,11 @@ def run_sweep(sweep: Dict[str, Any], out_dir: Path, eval_samples: int = 256,
 
     if jobs <= 1:
         for i, r in enumerate(todo, 1):
-            finished(_run_one(r, eval_samples), i)
+            row = _run_one(r, eval_samples)
+            finished(row, i)
+            if row.get("preempted"):
+                log("recall sweep: stopped by a signal; rerun the same command to resume")
+                break
     else:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed

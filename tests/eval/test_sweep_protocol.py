@@ -127,3 +127,20 @@ def test_parallel_jobs_give_the_same_rows(tmp_path):
                            jobs=2)["results"]
     assert [r.get("error") for r in two] == [None] * 4
     assert [{k: r[k] for k in SCORES} for r in two] == [{k: r[k] for k in SCORES} for r in one]
+
+
+def test_a_save_signal_stops_the_sweep_and_its_cell_reruns_on_resume(tmp_path, monkeypatch):
+    calls = []
+
+    def fake(cfg, eval_samples=256, seed=0, eval_lengths=None):
+        calls.append(cfg.out_dir)
+        cut = len(calls) == 2  # the second cell is cut short by a signal
+        return {"accuracy": 0.5, "steps": 1 if cut else cfg.train.max_steps, "preempted": cut, "seconds": 0.0}
+
+    monkeypatch.setattr(recall, "train_and_score", fake)
+    lines = []
+    first = recall.run_sweep(tiny_sweep(), tmp_path, 8, show_progress=False, log=lines.append)["results"]
+    assert len(calls) == 2 and "stopped by a signal" in lines[-1]
+    assert "error" not in first[0] and "step 1 of 3" in first[1]["error"]
+    again = recall.run_sweep(tiny_sweep(), tmp_path, 8, show_progress=False, log=lines.append, done=first)["results"]
+    assert len(calls) == 5 and all("error" not in r for r in again)  # 3 left, the cut cell among them
