@@ -9,6 +9,8 @@ measures a checkpoint on its own synthetic task.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -179,8 +181,6 @@ def match_params(cfg, target: int, tolerance: float = MATCH_TOLERANCE):
     the recurrent state width model.d_state for a stack with recurrent layers (in steps the
     layers allow: the block size of bdlru, n_heads of deltanet, 2 of lru / blur), else model.d_model
     (attention only, in steps of 2 n_heads). Returns (cfg, params); ValueError when no width fits."""
-    import dataclasses
-
     from llm_lru.config import layer_kinds, validate_model
 
     m = cfg.model
@@ -216,8 +216,6 @@ def match_params(cfg, target: int, tolerance: float = MATCH_TOLERANCE):
 def config_hash(cfg) -> str:
     """A short hash of a run's resolved config without its out_dir: a resumed sweep reruns a cell
     whose config changed."""
-    import hashlib
-
     from llm_lru.config import to_dict
 
     d = to_dict(cfg)
