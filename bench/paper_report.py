@@ -272,3 +272,40 @@ def render(results, meta) -> str:
            "sweep from paper_table.json and fills them." if missing else "None."), "",
           "Per-run rows (loss, seconds, accuracy by position): paper_table.json; plot: paper_table.png."]
     return "\n".join(L) + "\n"
+
+
+def plot(results, path: Path) -> None:
+    """One panel per task: mean accuracy over seeds (min-max bars) per mixer, at the training
+    length and at each longer scored length, with the task's chance level."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stats = cells(results)
+    tasks = list(dict.fromkeys(t for t, _ in stats))
+    if not tasks:
+        return
+    cols = min(3, len(tasks))
+    rows_ = (len(tasks) + cols - 1) // cols
+    fig, axes = plt.subplots(rows_, cols, figsize=(5.2 * cols, 3.4 * rows_), squeeze=False)
+    for ax in axes.flat[len(tasks):]:
+        ax.axis("off")
+    for ax, task in zip(axes.flat, tasks):
+        mixers = [m for t, m in stats if t == task]
+        lengths = [None] + [L for L in stats[(task, mixers[0])]["by_length"] if L != task.split("_T")[-1]]
+        width = 0.8 / len(lengths)
+        for j, L in enumerate(lengths):
+            vals = [stats[(task, m)] if L is None else stats[(task, m)]["by_length"].get(L) for m in mixers]
+            xs = [i + (j - (len(lengths) - 1) / 2) * width for i in range(len(mixers))]
+            mean = [v["mean"] if v else 0 for v in vals]
+            err = [[v["mean"] - v["min"] if v else 0 for v in vals], [v["max"] - v["mean"] if v else 0 for v in vals]]
+            ax.bar(xs, mean, width, yerr=err, capsize=2, label="train length" if L is None else f"at {L}")
+        ax.axhline(chance(task), color="grey", lw=0.8, ls="--")
+        ax.set_xticks(range(len(mixers)))
+        ax.set_xticklabels([LABELS.get(m, m).split(" (")[0] for m in mixers], rotation=60, ha="right", fontsize=7)
+        ax.set_ylim(0, 1.02)
+        ax.set_title(f"{task} (CPU scale)", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -36,6 +36,17 @@ def render(results, meta) -> str:
             recall_sweep.markdown(results, meta)
 
 
+def plot(results, path) -> None:
+    """The paper table's plot (paper_report.plot); the sweep's own plot if it cannot."""
+    try:
+        import paper_report
+
+        paper_report.plot(results, path)
+    except Exception as e:  # never stop a running sweep for a plot
+        print(f"paper_table: plot failed ({type(e).__name__}: {e}); the sweep's own plot instead")
+        recall_sweep.plot(results, path)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default=str(CONFIG))
@@ -49,10 +60,10 @@ def main() -> int:
     if args.render_only:
         data = json.loads((out / f"{NAME}.json").read_text())
         (out / f"{NAME}.md").write_text(render(data["results"], data["meta"]))
-        recall_sweep.plot(data["results"], out / f"{NAME}.png")
+        plot(data["results"], out / f"{NAME}.png")
         return 0
     sweep = recall_sweep.load_sweep(args.config)
-    recall_sweep.run(sweep, args.config, out, NAME, args.runs_dir, args.jobs, args.fresh, render=render)
+    recall_sweep.run(sweep, args.config, out, NAME, args.runs_dir, args.jobs, args.fresh, render=render, plotter=plot)
     return 0
 
 

@@ -143,9 +143,9 @@ def load_sweep(config: str, only_tasks: str = "", only_mixers: str = "", steps: 
 
 
 def run(sweep: dict, config: str, out: Path, name: str, runs_dir: str, jobs: int = 1, fresh: bool = False,
-        render=markdown) -> list:
+        render=markdown, plotter=plot) -> list:
     """Run (or resume) the sweep; write out/NAME.json, NAME.md (render(results, meta)) and, with
-    several seeds, NAME.png after every finished cell. Returns the result rows."""
+    several seeds, NAME.png (plotter(results, path)) after every finished cell. Returns the rows."""
     out.mkdir(parents=True, exist_ok=True)
     meta = {"config": os.path.relpath(config, ROOT), "max_steps": sweep["base"]["train"]["max_steps"],
             "eval_samples": sweep.get("eval_samples", 256), "machine": f"{platform.machine()} CPU, "
@@ -164,7 +164,7 @@ def run(sweep: dict, config: str, out: Path, name: str, runs_dir: str, jobs: int
         path.write_text(json.dumps({"meta": meta, "results": results}, indent=1, default=str))
         (out / f"{name}.md").write_text(render(results, meta))
         if len(meta["seeds"]) > 1:
-            plot(results, out / f"{name}.png")
+            plotter(results, out / f"{name}.png")
 
     res = run_sweep(sweep, Path(runs_dir) / name, meta["eval_samples"], on_result=save, show_progress=False,
                     jobs=jobs, done=done, log=lambda line: print(line, flush=True))
