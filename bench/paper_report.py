@@ -28,6 +28,12 @@ def chance(task: str) -> float:
     return CHANCE[task.split("_")[0]]
 
 
+def trivial(task: str, seq_len: int) -> float:
+    """Accuracy of a model that gets only the first position right (there the answer is the input
+    element itself) and guesses the rest: the floor a word-problem cell starts from."""
+    return 1 / seq_len + (1 - 1 / seq_len) * chance(task)
+
+
 class Cells:
     """Per (task, mixer) stats over seeds, at the training length or at another scored length."""
 
@@ -138,9 +144,11 @@ def verdicts(cs: Cells):
         if m4 is None or m5 is None:
             verdict, _ = "inconclusive", rows.append(f"{task}: not run")
             continue
+        floor = trivial(task, int(task.split("_T")[-1]))
         rows.append(f"{task}: m=5 {m5['mean']:.3f} ({m5['solved']}/{m5['n']} solved), m=4 {m4['mean']:.3f}"
-                    + (f", diagonal {m1['mean']:.3f}" if m1 else "") + f" (chance {chance(task):.3f})")
-        if m5["mean"] < 3 * chance(task) and m4["mean"] < 3 * chance(task):
+                    + (f", diagonal {m1['mean']:.3f}" if m1 else "")
+                    + f" (chance {chance(task):.3f}; first position only: {floor:.3f})")
+        if m5["mean"] < floor + MARGIN and m4["mean"] < floor + MARGIN:
             verdict = "inconclusive" if verdict == "reproduced at CPU scale" else verdict
         elif m4["mean"] >= m5["mean"] - MARGIN:
             verdict = "not reproduced"
@@ -148,8 +156,8 @@ def verdicts(cs: Cells):
             verdict = "inconclusive"
     why = "; ".join(rows)
     if verdict == "inconclusive" and all("not run" not in r for r in rows):
-        why += ("; every mixer near chance: far fewer training sequences than the authors' (100k x 200 epochs), "
-                "so this says nothing about m = 5 against m = 4")
+        why += ("; every mixer at the floor of answering only the first position: far fewer training sequences "
+                "than the authors' (100k x 200 epochs), so this says nothing about m = 5 against m = 4")
     out.append(("A5 and S5 are tracked at m = 5, not at m = 4", verdict, why))
 
     # 5. H-LRU is the most parameter-efficient on compression.
