@@ -60,6 +60,6 @@ def test_group5_at_chance_is_inconclusive_and_compression_compares_at_equal_para
 def test_render_marks_empty_cells_and_length_columns():
     res = rows("parity_T32", "bdlru_m2", [1.0, 1.0, 1.0], {"32": [1.0, 1.0, 1.0], "128": [1.0, 0.9, 0.95]})
     md = paper_report.render(res, META)
-    assert "| BD-LRU m=2 | 1000 | 1.00 (1.00-1.00) 3/3 | 0.95 (0.90-1.00) 1/3 |" in md
+    assert "| BD-LRU m=2 | 1000 | 1.00 (1.00-1.00) 3/3 solved | 0.95 (0.90-1.00) 1/3 solved |" in md
     assert "not run (time)" in md and paper_report.COMMAND in md
     assert "runs done: 3 of 168" in md
