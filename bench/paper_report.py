@@ -278,6 +278,18 @@ def render(results, meta) -> str:
                 L.append(f"| {LABELS.get(m, m)} | " + " | ".join(
                     f"{statistics.fmean(x[b] for x in rs if b in x):.2f}" for b in buckets) + " |")
         L.append("")
+    L += ["## Notes for reading it", "",
+          "- Theory bounds what a cell can show (DESIGN.md §8): a non-negative row-normalised block tracks a group "
+          "only if it fits in S_m (parity m >= 2, S3 m >= 3, A5 / S5 m >= 5); a tanh (signed) diagonal can track "
+          "parity. A cell below that bound that fails shows capacity; one above it that fails shows training.",
+          "- DeltaNet here is the original delta rule, beta = sigmoid in (0, 1), q and k L2-normalised, no short "
+          "convolution: its transitions I - beta k k^T have eigenvalues in [0, 1], so it has no sign flip for parity.",
+          "- The LSTM is nonlinear in its state (torch.nn.LSTM, hidden width sized like the others' state).",
+          "- attention: 2 softmax-attention layers with RoPE; its 4x-length column is extrapolation.",
+          "- T = 64 runs have fewer steps than T = 32 ones (the CPU budget); FACTS.md saw m = 4 need 3000 steps "
+          "for S3 at T = 64, so a failure there is a training-length result, not a capacity one.",
+          "- A5 / S5: the first position's answer is the input element itself, so a model that only copies it "
+          "scores 1/T + (1 - 1/T) x chance; cells at that floor learned no composition.", ""]
     missing = planned - len(ok)
     L += ["## Empty cells", "",
           (f"{missing} runs not done: not run for time (the 2-core machine is shared). `{COMMAND}` resumes the "
