@@ -23,8 +23,12 @@ DEFAULT_KINDS: Dict[str, str] = {
     "B": "bdlru",  # selective block-diagonal LRU (block size model.block_size)
     "H": "hlru",   # selective higher-order LRU (order model.block_size)
     "R": "blur",   # bidirectional LRU (encoders only)
+    "C": "lstm",   # baseline: torch.nn.LSTM (hidden width d_state)
+    "D": "deltanet",  # baseline: DeltaNet, the delta rule over n_heads heads of d_state / n_heads
 }
-MIXER_KINDS = ("attn", "swa", "lru", "glru", "bdlru", "hlru", "blur")
+MIXER_KINDS = ("attn", "swa", "lru", "glru", "bdlru", "hlru", "blur", "lstm", "deltanet")
+# Mixers with no sequence-parallel form (no split-phase scan): parallel.sp > 1 refuses them.
+NO_SP_KINDS = ("lstm", "deltanet")
 RECURRENT_KINDS = ("lru", "glru", "bdlru", "hlru", "blur")
 # The kernels check gate normalisations and block sizes themselves (they import nothing of the
 # project): their lists are the one definition, named here for the config.
@@ -337,6 +341,9 @@ def validate_model(m: ModelConfig, key: str = "model") -> None:
         n_kv = m.n_kv_heads or m.n_heads
         _need(n_kv > 0 and m.n_heads % n_kv == 0, f"{key}.n_kv_heads", f"must divide n_heads={m.n_heads}, got {n_kv}")
         _need((m.d_model // m.n_heads) % 2 == 0, f"{key}.n_heads", "head dim d_model/n_heads must be even for RoPE")
+    if "deltanet" in used:
+        _need(m.n_heads > 0 and d_state % m.n_heads == 0, f"{key}.n_heads",
+              f"deltanet needs n_heads to divide the state width {d_state}, got {m.n_heads}")
     if "swa" in used:
         _need(m.window > 0, f"{key}.window", f"must be positive, got {m.window}")
     if "blur" in used:
@@ -353,6 +360,8 @@ def validate(run: RunConfig) -> None:
           f"must be one of {', '.join(PROCESS_GROUP_BACKENDS)}, got '{p.backend}'")
     _need(t.seq_len >= 2, "train.seq_len", f"must be >= 2, got {t.seq_len}")
     _need(t.seq_len % p.sp == 0, "train.seq_len", f"{t.seq_len} is not divisible by parallel.sp={p.sp}")
+    no_sp = sorted(set(layer_kinds(run.model)) & set(NO_SP_KINDS))
+    _need(p.sp == 1 or not no_sp, "parallel.sp", f"{', '.join(no_sp)} layers have no sequence-parallel form; use sp = 1")
     _need(t.global_batch_size >= 1, "train.global_batch_size", f"must be >= 1, got {t.global_batch_size}")
     _need(t.micro_batch_size >= 0, "train.micro_batch_size", f"must be >= 0, got {t.micro_batch_size}")
     _need(t.max_steps >= 0, "train.max_steps", f"must be >= 0, got {t.max_steps}")

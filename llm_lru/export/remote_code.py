@@ -6,9 +6,10 @@ folder) into its modules cache. The model itself is not re-written for the expor
 below are generated copies of llm_lru's own model and kernel sources, with their imports
 rewritten to flat relative ones, so the exported model computes what the training model does.
 
-    llm_lru/models/{attention,recurrent,hybrid}.py          -> llm_lru_<name>.py
+    llm_lru/models/{attention,recurrent,baselines,hybrid}.py -> llm_lru_<name>.py
     kernels/common/scan.py, kernels/OP/{op,reference}.py    -> llm_lru_kernels_common_scan.py,
       (OP: block, diag, companion, attention (+ flex), loss)   llm_lru_kernels_OP_{op,reference}.py
+    kernels/delta/{__init__,reference,torch_forms}.py      -> llm_lru_kernels_delta[_<name>].py
     llm_lru/config.py (ModelConfig and its checks only)     -> llm_lru_config.py
     _remote_kernels.py (the kernels' public names, no Triton) -> llm_lru_kernels.py
     _remote_configuration.py / _remote_modeling.py         -> configuration_llm_lru.py / modeling_llm_lru.py
@@ -31,10 +32,14 @@ VENDORED: Dict[str, str] = {
     "llm_lru.models.attention": "llm_lru_attention",
     "llm_lru.models.recurrent": "llm_lru_recurrent",
     "llm_lru.models.hybrid": "llm_lru_hybrid",
+    "llm_lru.models.baselines": "llm_lru_baselines",
     "llm_lru.kernels.common.scan": "llm_lru_kernels_common_scan",
     **{f"llm_lru.kernels.{op}.{part}": f"llm_lru_kernels_{op}_{part}"
        for op in ("block", "diag", "companion", "attention", "loss") for part in ("op", "reference")},
     "llm_lru.kernels.attention.flex": "llm_lru_kernels_attention_flex",
+    "llm_lru.kernels.delta": "llm_lru_kernels_delta",
+    "llm_lru.kernels.delta.reference": "llm_lru_kernels_delta_reference",
+    "llm_lru.kernels.delta.torch_forms": "llm_lru_kernels_delta_torch_forms",
 }
 # Modules replaced by a smaller stand-in (written from a template or extracted).
 STAND_INS: Dict[str, str] = {"llm_lru.kernels": "llm_lru_kernels", "llm_lru.config": "llm_lru_config"}
@@ -157,7 +162,8 @@ def generate_files(rev: Optional[str] = None) -> Dict[str, str]:
     for module, flat in VENDORED.items():
         path = _module_file(module)
         origin = f"{module.replace('.', '/')}.py"
-        files[f"{flat}.py"] = _header(origin, rev) + rewrite_imports(path.read_text(), module, str(path))
+        files[f"{flat}.py"] = _header(origin, rev) + rewrite_imports(path.read_text(), module, str(path),
+                                                                     is_package=path.name == "__init__.py")
     files["llm_lru_config.py"] = extract_config(rev)
     for template, name in TEMPLATES.items():
         files[name] = _header(f"llm_lru/export/{template}", rev) + (HERE / template).read_text()

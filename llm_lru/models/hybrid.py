@@ -20,6 +20,7 @@ from llm_lru.config import ModelConfig, layer_kinds, validate_model
 from llm_lru.kernels import DEFAULT_CHUNK_TOKENS, linear_cross_entropy
 
 from .attention import Attention
+from .baselines import LSTM, DeltaNet
 from .recurrent import BDLRU, BLUR, GLRU, HLRU, LRU
 
 
@@ -46,6 +47,10 @@ def make_mixer(cfg: ModelConfig, kind: str) -> nn.Module:
         return HLRU(d, d_state, cfg.block_size, cfg.gate_norm, cfg.gate_init, cfg.selective, cfg.hlru_readout)
     if kind == "blur":
         return BLUR(d, d_state, cfg.lru_r_min, cfg.lru_r_max, cfg.lru_max_phase)
+    if kind == "lstm":
+        return LSTM(d, d_state)
+    if kind == "deltanet":
+        return DeltaNet(d, d_state, cfg.n_heads)
     raise ValueError(f"model.pattern: unknown mixer kind '{kind}'")
 
 
