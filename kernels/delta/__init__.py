@@ -36,7 +36,11 @@ def fla_available() -> bool:
 
 
 def _fla(q, k, v, beta, h0):
-    from fla.ops.delta_rule import chunk_delta_rule
+    # Guarded so that an exported model's code (transformers scans its imports) needs no fla.
+    try:
+        from fla.ops.delta_rule import chunk_delta_rule
+    except ImportError as e:
+        raise ImportError("delta_rule form 'fla': flash-linear-attention is not installed") from e
 
     o, last = chunk_delta_rule(q, k, v, beta, scale=1.0, initial_state=h0, output_final_state=True)
     return o, last
