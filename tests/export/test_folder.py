@@ -50,6 +50,12 @@ def test_untied_head_and_other_mixers_round_trip(tmp_path):
                       gate_norm="sigmoid", n_heads=2, window=4, tie_embeddings=False)
     model, hf = _export(tmp_path, cfg)
     assert not torch.equal(hf.model.head.weight, hf.model.embed.weight)
+    round_trip(model, hf)
+
+
+def round_trip(model, hf):
+    """The export computes what the training model does: one forward, chunked prefill (chunks of 4)
+    + steps, and cached greedy and beam-search generation equal to the uncached."""
     ids = torch.randint(0, 50, (3, 19))
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, model(ids), rtol=0, atol=0)
