@@ -74,6 +74,17 @@ def test_match_params_refuses_what_no_width_reaches():
         lab.match_params(cfg, 100)
 
 
+@pytest.fixture(autouse=True)
+def no_world_left_behind():
+    """A sweep trains in this process (the lab starts a world of one): end it after each test, so
+    that later tests find no process group, as they would in a fresh process."""
+    yield
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def tiny_sweep(steps=3):
     return {"eval_samples": 8, "seeds": [1, 2],
             "base": {"model": {"d_model": 16, "n_layers": 1, "n_heads": 2, "ffn_dim": 32},
